@@ -1,0 +1,1 @@
+"""cli: the `hetsched` command-line application (click)."""

@@ -1,0 +1,28 @@
+"""The `hetsched` click group: registers each sub-command group from its own module."""
+
+from __future__ import annotations
+
+import click
+
+from cli.lab import lab
+from cli.probe import probe
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="hetsched")
+def cli() -> None:
+    """hetsched: plan and run LLM training across clusters whose networks differ.
+
+    \b
+    Typical flow:
+      hetsched probe run hosts.yaml -o topology.yaml   measure the network
+      hetsched lab up                                  or emulate one on this machine
+    """
+
+
+cli.add_command(probe)
+cli.add_command(lab)
+
+
+def main() -> None:
+    cli(prog_name="hetsched")

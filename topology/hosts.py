@@ -1,0 +1,80 @@
+"""The hosts file (`hosts.yaml`): which agents `hetsched probe run` should measure.
+
+    version: 1
+    sites: [{name: a}, {name: b}]          # optional; taken from the hosts if left out
+    hosts:
+      - {name: a1, address: 10.0.0.1, site: a}         # agent on the default port 7070
+      - {name: b1, address: "10.0.1.1:7071", site: b}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Self
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from topology.errors import InputError
+from topology.files import load_yaml_mapping
+from topology.protocol import parse_endpoint, zmq_url
+from topology.schema import Name, Site, Strict, describe_validation_error
+
+HOSTS_VERSION = 1
+
+
+class HostEntry(Strict):
+    name: Name
+    address: str
+    site: Name | None = None
+
+    @field_validator("address")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        parse_endpoint(value)
+        return value
+
+    @property
+    def ip(self) -> str:
+        return parse_endpoint(self.address)[0]
+
+    @property
+    def url(self) -> str:
+        return zmq_url(*parse_endpoint(self.address))
+
+
+class HostsFile(Strict):
+    version: int
+    sites: list[Site] = Field(default_factory=list)
+    hosts: list[HostEntry] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.version != HOSTS_VERSION:
+            raise ValueError(
+                f"version: unsupported version {self.version}, expected {HOSTS_VERSION}"
+            )
+        seen: set[str] = set()
+        for i, host in enumerate(self.hosts):
+            if host.name in seen:
+                raise ValueError(f"hosts[{i}].name: duplicate host '{host.name}'")
+            seen.add(host.name)
+        named = {s.name for s in self.sites}
+        for i, host in enumerate(self.hosts):
+            if self.sites and host.site is not None and host.site not in named:
+                raise ValueError(f"hosts[{i}].site: unknown site '{host.site}'")
+        return self
+
+    def all_sites(self) -> list[Site]:
+        if self.sites:
+            return list(self.sites)
+        names = dict.fromkeys(h.site for h in self.hosts if h.site is not None)
+        return [Site(name=name) for name in names]
+
+
+def load_hosts(path: str | Path) -> HostsFile:
+    data = load_yaml_mapping(path)
+    try:
+        return HostsFile.model_validate(data)
+    except ValidationError as exc:
+        field, message = describe_validation_error(exc)
+        raise InputError(message, path, field) from None

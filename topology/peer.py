@@ -1,0 +1,185 @@
+"""The client side of the probe protocol: requests to an agent and link measurements.
+
+`AgentClient` sends one signed request at a time and waits, with a timeout, for the
+signed reply. `measure_peer` is what an agent runs when the coordinator asks it to
+measure the link to another agent: many pings for latency, then a timed bulk push over
+parallel streams for bandwidth, timed on the receiving side.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import zmq
+
+from topology.protocol import PeerError, ProtocolError, Verifier, payload, sign
+
+DEFAULT_CHUNK_BYTES = 64 * 1024
+SEND_HWM = 8
+
+
+def _dealer(context: zmq.Context, url: str, timeout_s: float) -> zmq.Socket:
+    """A DEALER that queues only to a live connection and gives up sending after timeout_s."""
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
+    socket.setsockopt(zmq.SNDHWM, SEND_HWM)
+    socket.setsockopt(zmq.IMMEDIATE, 1)
+    socket.connect(url)
+    return socket
+
+
+class AgentClient:
+    """One control connection to an agent."""
+
+    def __init__(self, context: zmq.Context, url: str, key: bytes, timeout_s: float = 10.0):
+        self.url = url
+        self.timeout_s = timeout_s
+        self._key = key
+        self._verifier = Verifier(key)
+        self._socket = _dealer(context, url, timeout_s)
+
+    def request(self, op: str, timeout_s: float | None = None, **fields: Any) -> dict[str, Any]:
+        send_signed(self._socket, self._key, self.url, {"op": op, **fields})
+        return receive_reply(self._socket, self._verifier, self.url, timeout_s or self.timeout_s)
+
+    def close(self) -> None:
+        self._socket.close(linger=0)
+
+    def __enter__(self) -> AgentClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def send_signed(socket: zmq.Socket, key: bytes, url: str, header: dict[str, Any]) -> None:
+    try:
+        socket.send_multipart(sign(key, header))
+    except zmq.Again:
+        timeout_s = socket.getsockopt(zmq.SNDTIMEO) / 1000
+        raise PeerError(f"cannot connect to {url} within {timeout_s:g} s") from None
+
+
+def receive_reply(
+    socket: zmq.Socket, verifier: Verifier, url: str, timeout_s: float
+) -> dict[str, Any]:
+    """Wait for one reply on `socket`; raise PeerError on timeout, refusal or error reply."""
+    if not socket.poll(int(timeout_s * 1000), zmq.POLLIN):
+        raise PeerError(f"no answer from {url} within {timeout_s:g} s")
+    frames = socket.recv_multipart()
+    try:
+        reply = verifier.verify(frames)
+    except ProtocolError as exc:
+        raise PeerError(f"{url} sent an unusable reply: {_refusal(frames) or exc}") from None
+    if not reply.get("ok", False):
+        raise PeerError(f"{url} answered: {reply.get('error', 'unknown error')}")
+    return reply
+
+
+def _refusal(frames: list[bytes]) -> str | None:
+    """The error text of an unsigned refusal (an agent cannot sign for a wrong token)."""
+    try:
+        return str(json.loads(frames[0]).get("error"))
+    except (ValueError, AttributeError, IndexError):
+        return None
+
+
+@dataclass
+class PushResult:
+    """A bulk push as the receiver saw it."""
+
+    bytes: int
+    streams: int
+    receiver_gbps: float
+    sender_seconds: float
+
+
+@dataclass
+class LinkResult:
+    """What an agent measured towards a peer."""
+
+    rtt_ms: float
+    latency_ms: float
+    pings: int
+    push: PushResult
+
+    def to_plain(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def ping(client: AgentClient, count: int) -> list[float]:
+    """Round-trip times in milliseconds of `count` pings (one warm-up ping not counted)."""
+    client.request("ping")
+    samples = []
+    for _ in range(count):
+        start = time.perf_counter()
+        client.request("ping")
+        samples.append((time.perf_counter() - start) * 1000)
+    return samples
+
+
+def push(
+    context: zmq.Context,
+    client: AgentClient,
+    key: bytes,
+    *,
+    streams: int,
+    seconds: float,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> PushResult:
+    """Send filler over `streams` parallel connections for `seconds`; the agent times it."""
+    session = client.request("push_begin", streams=streams)["session"]
+    sockets = [_dealer(context, client.url, client.timeout_s) for _ in range(streams)]
+    try:
+        started = time.perf_counter()
+        _send_until(sockets, session.encode(), payload(chunk_bytes), started + seconds)
+        for socket in sockets:
+            send_signed(socket, key, client.url, {"op": "push_end", "session": session})
+        for socket in sockets:
+            receive_reply(socket, Verifier(key), client.url, client.timeout_s + seconds * 4)
+        sender_seconds = time.perf_counter() - started
+        stats = client.request("push_stats", session=session)
+    finally:
+        for socket in sockets:
+            socket.close(linger=0)
+    return PushResult(
+        bytes=int(stats["bytes"]),
+        streams=streams,
+        receiver_gbps=float(stats["gbps"]),
+        sender_seconds=sender_seconds,
+    )
+
+
+def _send_until(sockets: list[zmq.Socket], session: bytes, chunk: bytes, deadline: float) -> None:
+    poller = zmq.Poller()
+    for socket in sockets:
+        poller.register(socket, zmq.POLLOUT)
+    while time.perf_counter() < deadline:
+        for socket, _ in poller.poll(100):
+            socket.send_multipart([b"chunk", session, chunk], copy=False, flags=zmq.NOBLOCK)
+
+
+def measure_peer(
+    context: zmq.Context,
+    url: str,
+    key: bytes,
+    *,
+    pings: int,
+    seconds: float,
+    streams: int,
+    timeout_s: float,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> LinkResult:
+    """Latency (median round trip / 2) and bandwidth from this host to the agent at `url`."""
+    with AgentClient(context, url, key, timeout_s) as client:
+        rtts = ping(client, pings) if pings else []
+        result = push(
+            context, client, key, streams=streams, seconds=seconds, chunk_bytes=chunk_bytes
+        )
+    rtt = statistics.median(rtts) if rtts else float("nan")
+    return LinkResult(rtt_ms=rtt, latency_ms=rtt / 2, pings=len(rtts), push=result)

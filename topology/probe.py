@@ -1,0 +1,229 @@
+"""The probe coordinator: gather every agent's discovery, then measure every host pair.
+
+Pairs are measured in the rounds of a round-robin tournament (the circle method): each
+round pairs every host with one other, so n hosts need n−1 rounds (n rounds when n is
+odd) and the wall time grows with n, not n². Within a round, pairs between the same two
+sites would share that WAN link and each measure a fraction of it, so such pairs are put
+into successive waves; everything else in a round runs at once. For each pair, the first
+host pings the second and pushes bulk data to it, then the second pushes back; the link
+keeps the median latency and the slower direction's bandwidth. A host or pair that
+cannot be measured is recorded as unreachable with the reason, and the rest is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import zmq
+from pydantic import ValidationError
+
+from topology.hosts import HostEntry, HostsFile
+from topology.peer import AgentClient
+from topology.protocol import PeerError
+from topology.schema import (
+    TOPOLOGY_VERSION,
+    Host,
+    Link,
+    Measurement,
+    Topology,
+    describe_validation_error,
+)
+
+Pair = tuple[str, str]
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass
+class ProbeOptions:
+    pings: int = 30
+    seconds: float = 1.0
+    streams: int = 4
+    timeout_s: float = 10.0
+
+    def measure_wait_s(self) -> float:
+        """How long the coordinator waits for one host-to-host measurement."""
+        return 2 * self.timeout_s + 4 * self.seconds + 0.5 * self.pings
+
+
+@dataclass
+class ProbeReport:
+    topology: Topology
+    missing: list[str] = field(default_factory=list)
+    rounds: int = 0
+    waves: int = 0
+
+
+def tournament_rounds(names: list[str]) -> list[list[Pair]]:
+    """Round-robin schedule: every pair exactly once, each host in at most one pair a round."""
+    players: list[str | None] = list(names)
+    if len(players) % 2:
+        players.append(None)
+    rounds: list[list[Pair]] = []
+    for _ in range(len(players) - 1):
+        half = len(players) // 2
+        pairs = [(players[i], players[-1 - i]) for i in range(half)]
+        rounds.append([(a, b) for a, b in pairs if a is not None and b is not None])
+        players = [players[0], players[-1], *players[1:-1]]
+    return [r for r in rounds if r]
+
+
+def split_waves(pairs: list[Pair], site_of: dict[str, str | None]) -> list[list[Pair]]:
+    """Split a round so no two pairs in a wave cross between the same two sites."""
+    waves: list[tuple[list[Pair], set[frozenset[str]]]] = []
+    for a, b in pairs:
+        sa, sb = site_of.get(a), site_of.get(b)
+        shared = frozenset((sa, sb)) if sa and sb and sa != sb else None
+        for wave, used in waves:
+            if shared is None or shared not in used:
+                wave.append((a, b))
+                if shared is not None:
+                    used.add(shared)
+                break
+        else:
+            waves.append(([(a, b)], {shared} if shared is not None else set()))
+    return [wave for wave, _ in waves]
+
+
+class Coordinator:
+    """Runs one probe of the hosts in a hosts file."""
+
+    def __init__(
+        self,
+        hosts: HostsFile,
+        key: bytes,
+        options: ProbeOptions | None = None,
+        context: zmq.Context | None = None,
+    ):
+        self.hosts = hosts
+        self.options = options or ProbeOptions()
+        self._key = key
+        self._context = context or zmq.Context.instance()
+        self._entries = {h.name: h for h in hosts.hosts}
+
+    def run(self, progress: ProgressFn | None = None, name: str | None = None) -> ProbeReport:
+        report_progress = progress or (lambda _what, _done, _total: None)
+        found = self._gather_local(report_progress)
+        missing = [f"host {n}: {h.reason}" for n, h in found.items() if h.status != "ok"]
+        reachable = [n for n, h in found.items() if h.status == "ok"]
+        links, rounds, waves = self._measure_all(reachable, report_progress)
+        links += self._links_to_unreachable(found)
+        missing += [f"link {lk.a}-{lk.b}: {lk.reason}" for lk in links if lk.status != "ok"]
+        topology = Topology(
+            version=TOPOLOGY_VERSION,
+            name=name,
+            sites=self.hosts.all_sites(),
+            hosts=[found[h.name] for h in self.hosts.hosts],
+            links=links,
+        )
+        return ProbeReport(topology, missing, rounds, waves)
+
+    def _gather_local(self, progress: ProgressFn) -> dict[str, Host]:
+        progress("discovery", 0, 1)
+        with ThreadPoolExecutor(max_workers=min(32, len(self._entries))) as pool:
+            hosts = list(pool.map(self._local_of, self._entries.values()))
+        progress("discovery", 1, 1)
+        return {h.name: h for h in hosts}
+
+    def _local_of(self, entry: HostEntry) -> Host:
+        try:
+            with AgentClient(self._context, entry.url, self._key, self.options.timeout_s) as c:
+                found = c.request("local")["host"]
+        except PeerError as exc:
+            return _unreachable_host(entry, str(exc))
+        try:
+            fields = {**found, "name": entry.name, "address": entry.ip, "site": entry.site}
+            return Host.model_validate(fields)
+        except (ValidationError, TypeError) as exc:
+            why = _why_invalid(exc)
+            return _unreachable_host(entry, f"agent sent an invalid host description: {why}")
+
+    def _measure_all(self, names: list[str], progress: ProgressFn) -> tuple[list[Link], int, int]:
+        rounds = tournament_rounds(names)
+        site_of = {n: self._entries[n].site for n in names}
+        links: list[Link] = []
+        wave_count = 0
+        progress("rounds", 0, len(rounds))
+        for done, pairs in enumerate(rounds, start=1):
+            for wave in split_waves(pairs, site_of):
+                wave_count += 1
+                with ThreadPoolExecutor(max_workers=len(wave)) as pool:
+                    links += list(pool.map(self._measure_pair, wave))
+            progress("rounds", done, len(rounds))
+        return links, len(rounds), wave_count
+
+    def _measure_pair(self, pair: Pair) -> Link:
+        a, b = pair
+        at = datetime.now(UTC).replace(microsecond=0)
+        try:
+            forward = self._ask_measure(a, b, self.options.pings)
+            backward = self._ask_measure(b, a, 0)
+        except PeerError as exc:
+            return Link(a=a, b=b, status="unreachable", reason=str(exc))
+        return _link_from(a, b, forward, backward, at, self.options.streams)
+
+    def _ask_measure(self, source: str, target: str, pings: int) -> dict[str, Any]:
+        options = self.options
+        wait = options.measure_wait_s()
+        with AgentClient(self._context, self._entries[source].url, self._key, wait) as client:
+            reply = client.request(
+                "measure",
+                peer=self._entries[target].url,
+                pings=pings,
+                seconds=options.seconds,
+                streams=options.streams,
+                timeout_s=options.timeout_s,
+            )
+        result = reply["result"]
+        if result["push"]["receiver_gbps"] <= 0:
+            raise PeerError(f"{source}->{target}: bulk transfer moved too little data to time")
+        return result
+
+    def _links_to_unreachable(self, found: dict[str, Host]) -> list[Link]:
+        names = list(found)
+        links = []
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                down = [n for n in (a, b) if found[n].status != "ok"]
+                if down:
+                    reason = f"host {down[0]} unreachable: {found[down[0]].reason}"
+                    links.append(Link(a=a, b=b, status="unreachable", reason=reason))
+        return links
+
+
+def _link_from(
+    a: str, b: str, forward: dict[str, Any], backward: dict[str, Any], at: datetime, streams: int
+) -> Link:
+    ab = forward["push"]["receiver_gbps"]
+    ba = backward["push"]["receiver_gbps"]
+    return Link(
+        a=a,
+        b=b,
+        latency_ms=round(forward["latency_ms"], 4),
+        bandwidth_gbps=round(min(ab, ba), 6),
+        measured=Measurement(
+            method="probe",
+            at=at,
+            latency_samples=forward["pings"],
+            bytes=forward["push"]["bytes"] + backward["push"]["bytes"],
+            streams=streams,
+            a_to_b_gbps=round(ab, 6),
+            b_to_a_gbps=round(ba, 6),
+        ),
+    )
+
+
+def _unreachable_host(entry: HostEntry, reason: str) -> Host:
+    return Host(
+        name=entry.name, address=entry.ip, site=entry.site, status="unreachable", reason=reason
+    )
+
+
+def _why_invalid(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        field_name, message = describe_validation_error(exc)
+        return f"{field_name}: {message}"
+    return str(exc)
