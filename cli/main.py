@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from cli.demo import demo
 from cli.lab import lab
 from cli.probe import probe
 
@@ -15,13 +16,16 @@ def cli() -> None:
 
     \b
     Typical flow:
+      hetsched demo                                    all of it on a built-in example
+      hetsched probe agent --token-file T              on every host
       hetsched probe run hosts.yaml -o topology.yaml   measure the network
-      hetsched lab up                                  or emulate one on this machine
+      hetsched lab up; hetsched probe lab              or emulate one on this machine
     """
 
 
 cli.add_command(probe)
 cli.add_command(lab)
+cli.add_command(demo)
 
 
 def main() -> None:

@@ -87,9 +87,8 @@ def probe_agent(listen: str, token_file: Path, name: str | None, sysfs: Path, fl
 
     The agent answers only signed measurement requests; it never runs commands.
     """
-    from topology.discover import discover_host
-
     from topology.agent import Agent, AgentConfig
+    from topology.discover import discover_host
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s agent %(levelname)s %(message)s")
     key = load_token(token_file)
@@ -123,11 +122,15 @@ def probe_agent(listen: str, token_file: Path, name: str | None, sysfs: Path, fl
               help="Parallel connections per bulk transfer.")
 @click.option("--timeout", type=click.FloatRange(min=0.5), default=10.0, show_default=True,
               help="Seconds to wait for an agent before calling it unreachable.")
+@click.option("--schedule", type=click.Choice(["tournament", "sequential"]),
+              default="tournament", show_default=True,
+              help="tournament: disjoint pairs in parallel rounds; sequential: one pair at a time.")
 @click.option("--name", help="Name to record in the topology.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @reports_input_errors
 def probe_run(hosts_file: Path, output: Path, token_file: Path, pings: int, seconds: float,
-              streams: int, timeout: float, name: str | None, as_json: bool) -> None:
+              streams: int, timeout: float, schedule: str, name: str | None,
+              as_json: bool) -> None:
     """Measure every pair of the agents listed in HOSTS_FILE and write topology.yaml.
 
     Exit status: 0 when everything was measured, 1 when a host or link could not be
@@ -135,7 +138,8 @@ def probe_run(hosts_file: Path, output: Path, token_file: Path, pings: int, seco
     """
     hosts = load_hosts(hosts_file)
     key = load_token(token_file)
-    options = ProbeOptions(pings=pings, seconds=seconds, streams=streams, timeout_s=timeout)
+    options = ProbeOptions(pings=pings, seconds=seconds, streams=streams, timeout_s=timeout,
+                           schedule=schedule)
     report = run_with_progress(Coordinator(hosts, key, options), name)
     header = (f"hetsched probe run of {hosts_file}: {len(report.topology.hosts)} hosts, "
               f"{report.rounds} rounds, {len(report.missing)} missing")
@@ -213,3 +217,33 @@ def probe_check(topology_file: Path, as_json: bool) -> None:
 
 def _speed(gbps: float | None) -> str:
     return "speed unknown" if gbps is None else f"{gbps:g} Gbit/s"
+
+
+@probe.command("lab")
+@click.option("--lab", "lab_name", help="Which running lab (default: the only one).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("topology.yaml"), show_default=True, help="Where to write the result.")
+@click.option("--pings", type=click.IntRange(1, 1000), default=30, show_default=True)
+@click.option("--seconds", type=click.FloatRange(0.1, 30), default=1.0, show_default=True)
+@click.option("--streams", type=click.IntRange(1, 16), default=4, show_default=True)
+@click.option("--timeout", type=click.FloatRange(min=0.5), default=10.0, show_default=True)
+@click.option("--schedule", type=click.Choice(["tournament", "sequential"]),
+              default="tournament", show_default=True)
+@click.option("--flops/--no-flops", default=False, show_default=True,
+              help="Have each lab agent time a matmul (the hosts share this machine's CPUs).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+@reports_input_errors
+def probe_lab_command(lab_name: str | None, output: Path, pings: int, seconds: float,
+                      streams: int, timeout: float, schedule: str, flops: bool,
+                      as_json: bool) -> None:
+    """Probe a running emulated lab: an agent in each host, the coordinator in the first.
+
+    Same measurement and exit status as `probe run`; the lab stays up.
+    """
+    from topology.lab import find_lab
+    from topology.lab_probe import probe_lab
+
+    state = find_lab(lab_name)
+    options = ProbeOptions(pings=pings, seconds=seconds, streams=streams, timeout_s=timeout,
+                           schedule=schedule)
+    sys.exit(probe_lab(state, output, options, flops=flops, json_summary=as_json))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -30,6 +29,8 @@ from topology.lab import (
     wan_bytes,
 )
 from topology.lab_spec import LabSpec, builtin_lab_names, load_lab_spec, parse_lab_spec
+
+from lab_support import root, unique_name
 
 # --------------------------------------------------------------------------------------
 # Spec validation (no root needed)
@@ -169,18 +170,6 @@ def test_cli_lists_builtins() -> None:
 # A real lab (root only)
 
 
-def _namespaces_usable() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (network namespaces, veths, tc)"
-    if shutil.which("ip") is None or shutil.which("tc") is None:
-        return "needs iproute2 (ip, tc)"
-    done = subprocess.run(["ip", "netns", "list"], capture_output=True, check=False)
-    return None if done.returncode == 0 else "ip netns does not work here"
-
-
-_why_not = _namespaces_usable()
-root = pytest.mark.skipif(_why_not is not None, reason=_why_not or "")
-
 WAN_MBIT = 20
 INTRA_MBIT = 200
 
@@ -240,10 +229,6 @@ def small_spec(name: str) -> LabSpec:
         ],
         "wan": [{"sites": ["a", "b"], "rate_mbit": WAN_MBIT}],
     })
-
-
-def unique_name(tag: str) -> str:
-    return f"t{tag}{os.getpid() % 100000}"
 
 
 @pytest.fixture(scope="module")

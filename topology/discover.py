@@ -472,7 +472,14 @@ def discover_devices(ram_gb: float, *, measure_flops: bool) -> list[Device]:
     ]
 
 
+def gpu_driver_present(dev: Path = Path("/dev")) -> bool:
+    """Whether an NVIDIA or AMD GPU driver exposes devices (cheap; avoids importing torch)."""
+    return any(dev.glob("nvidia[0-9]*")) or (dev / "kfd").exists()
+
+
 def _torch_gpus(measure_flops: bool) -> list[Device]:
+    if not gpu_driver_present():
+        return []
     try:
         import torch
     except ImportError:

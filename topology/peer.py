@@ -19,12 +19,20 @@ import zmq
 from topology.protocol import PeerError, ProtocolError, Verifier, payload, sign
 
 DEFAULT_CHUNK_BYTES = 64 * 1024
-SEND_HWM = 8
+SEND_HWM = 4
+# The kernel send buffer of each bulk stream is sized from the idle round trip: enough
+# for the streams together to keep WINDOW_RATE in flight (bandwidth-delay product), no
+# more. Left to autotuning, TCP queues megabytes that a slow link then needs seconds to
+# drain after the timed window, which would make probing a slow WAN take much longer.
+WINDOW_RATE_BYTES_S = 10e9 / 8
+MIN_SNDBUF = 64 * 1024
+MAX_SNDBUF = 4 * 1024 * 1024
 
 
-def _dealer(context: zmq.Context, url: str, timeout_s: float) -> zmq.Socket:
+def _dealer(context: zmq.Context, url: str, timeout_s: float, sndbuf: int = -1) -> zmq.Socket:
     """A DEALER that queues only to a live connection and gives up sending after timeout_s."""
     socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.SNDBUF, sndbuf)
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
     socket.setsockopt(zmq.SNDHWM, SEND_HWM)
@@ -131,10 +139,12 @@ def push(
     streams: int,
     seconds: float,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    rtt_ms: float = 1.0,
 ) -> PushResult:
     """Send filler over `streams` parallel connections for `seconds`; the agent times it."""
     session = client.request("push_begin", streams=streams)["session"]
-    sockets = [_dealer(context, client.url, client.timeout_s) for _ in range(streams)]
+    sndbuf = stream_sndbuf(rtt_ms, streams)
+    sockets = [_dealer(context, client.url, client.timeout_s, sndbuf) for _ in range(streams)]
     try:
         started = time.perf_counter()
         _send_until(sockets, session.encode(), payload(chunk_bytes), started + seconds)
@@ -153,6 +163,12 @@ def push(
         receiver_gbps=float(stats["gbps"]),
         sender_seconds=sender_seconds,
     )
+
+
+def stream_sndbuf(rtt_ms: float, streams: int) -> int:
+    """SO_SNDBUF per stream for a bandwidth-delay product of WINDOW_RATE at `rtt_ms`."""
+    window = WINDOW_RATE_BYTES_S * rtt_ms / 1000 / streams / 2  # the kernel doubles it
+    return int(min(MAX_SNDBUF, max(MIN_SNDBUF, window)))
 
 
 def _send_until(sockets: list[zmq.Socket], session: bytes, chunk: bytes, deadline: float) -> None:
@@ -177,9 +193,10 @@ def measure_peer(
 ) -> LinkResult:
     """Latency (median round trip / 2) and bandwidth from this host to the agent at `url`."""
     with AgentClient(context, url, key, timeout_s) as client:
-        rtts = ping(client, pings) if pings else []
+        rtts = ping(client, max(pings, 3))
+        rtt = statistics.median(rtts)
         result = push(
-            context, client, key, streams=streams, seconds=seconds, chunk_bytes=chunk_bytes
+            context, client, key,
+            streams=streams, seconds=seconds, chunk_bytes=chunk_bytes, rtt_ms=rtt,
         )
-    rtt = statistics.median(rtts) if rtts else float("nan")
     return LinkResult(rtt_ms=rtt, latency_ms=rtt / 2, pings=len(rtts), push=result)

@@ -12,11 +12,13 @@ cannot be measured is recorded as unreachable with the reason, and the rest is w
 
 from __future__ import annotations
 
+import itertools
+import random
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import zmq
 from pydantic import ValidationError
@@ -43,6 +45,7 @@ class ProbeOptions:
     seconds: float = 1.0
     streams: int = 4
     timeout_s: float = 10.0
+    schedule: Literal["tournament", "sequential"] = "tournament"
 
     def measure_wait_s(self) -> float:
         """How long the coordinator waits for one host-to-host measurement."""
@@ -86,6 +89,29 @@ def split_waves(pairs: list[Pair], site_of: dict[str, str | None]) -> list[list[
         else:
             waves.append(([(a, b)], {shared} if shared is not None else set()))
     return [wave for wave, _ in waves]
+
+
+def plan_waves(
+    names: list[str], site_of: dict[str, str | None], tries: int = 200, seed: int = 0
+) -> list[list[list[Pair]]]:
+    """Rounds split into waves, for the seating of hosts in the tournament with fewest waves.
+
+    Which pairs meet in a round depends on where each host sits in the circle; trying
+    seeded random seatings and keeping the best packs site pairs into fewer waves.
+    """
+    rng = random.Random(seed)
+    best: list[list[list[Pair]]] | None = None
+    order = list(names)
+    for _ in range(max(1, tries)):
+        schedule = [split_waves(pairs, site_of) for pairs in tournament_rounds(order)]
+        if best is None or _wave_count(schedule) < _wave_count(best):
+            best = schedule
+        rng.shuffle(order)
+    return best or []
+
+
+def _wave_count(schedule: list[list[list[Pair]]]) -> int:
+    return sum(len(waves) for waves in schedule)
 
 
 class Coordinator:
@@ -142,18 +168,18 @@ class Coordinator:
             return _unreachable_host(entry, f"agent sent an invalid host description: {why}")
 
     def _measure_all(self, names: list[str], progress: ProgressFn) -> tuple[list[Link], int, int]:
-        rounds = tournament_rounds(names)
-        site_of = {n: self._entries[n].site for n in names}
+        if self.options.schedule == "sequential":
+            schedule = [[[pair]] for pair in itertools.combinations(names, 2)]
+        else:
+            schedule = plan_waves(names, {n: self._entries[n].site for n in names})
         links: list[Link] = []
-        wave_count = 0
-        progress("rounds", 0, len(rounds))
-        for done, pairs in enumerate(rounds, start=1):
-            for wave in split_waves(pairs, site_of):
-                wave_count += 1
+        progress("rounds", 0, len(schedule))
+        for done, waves in enumerate(schedule, start=1):
+            for wave in waves:
                 with ThreadPoolExecutor(max_workers=len(wave)) as pool:
                     links += list(pool.map(self._measure_pair, wave))
-            progress("rounds", done, len(rounds))
-        return links, len(rounds), wave_count
+            progress("rounds", done, len(schedule))
+        return links, len(schedule), _wave_count(schedule)
 
     def _measure_pair(self, pair: Pair) -> Link:
         a, b = pair

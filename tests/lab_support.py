@@ -1,0 +1,26 @@
+"""Shared by the tests that need a real lab: the skip marker and unique lab names."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+
+def _namespaces_usable() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (network namespaces, veths, tc)"
+    if shutil.which("ip") is None or shutil.which("tc") is None:
+        return "needs iproute2 (ip, tc)"
+    done = subprocess.run(["ip", "netns", "list"], capture_output=True, check=False)
+    return None if done.returncode == 0 else "ip netns does not work here"
+
+
+_why_not = _namespaces_usable()
+root = pytest.mark.skipif(_why_not is not None, reason=_why_not or "")
+
+
+def unique_name(tag: str) -> str:
+    return f"t{tag}{os.getpid() % 100000}"
