@@ -30,7 +30,8 @@ import psutil
 from pydantic import ValidationError
 
 from topology.errors import InputError
-from topology.schema import Device, Host, Nic, NicKind, describe_validation_error
+from topology.schema import Device, Host, Nic, NicKind
+from topology.validation import describe_validation_error
 
 State = Literal["up", "down", "unknown"]
 

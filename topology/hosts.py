@@ -12,12 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Self
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from topology.errors import InputError
 from topology.files import load_yaml_mapping
 from topology.protocol import parse_endpoint, zmq_url
-from topology.schema import Name, Site, Strict, describe_validation_error
+from topology.schema import Name, Site
+from topology.validation import Strict, validate_as
 
 HOSTS_VERSION = 1
 
@@ -72,9 +72,4 @@ class HostsFile(Strict):
 
 
 def load_hosts(path: str | Path) -> HostsFile:
-    data = load_yaml_mapping(path)
-    try:
-        return HostsFile.model_validate(data)
-    except ValidationError as exc:
-        field, message = describe_validation_error(exc)
-        raise InputError(message, path, field) from None
+    return validate_as(HostsFile, load_yaml_mapping(path), path)

@@ -25,11 +25,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from topology.errors import InputError
 from topology.files import load_yaml_mapping
-from topology.schema import describe_validation_error
+from topology.validation import validate_as
 
 LAB_SPEC_VERSION = 1
 DEFAULT_BUILTIN = "lab-2x2"
@@ -161,11 +161,7 @@ class LabSpec(_Strict):
 
 def parse_lab_spec(data: dict[str, Any], path: str | Path = "<lab spec>") -> LabSpec:
     """Validate a plain mapping as a LabSpec, or raise one InputError naming the field."""
-    try:
-        return LabSpec.model_validate(data)
-    except ValidationError as exc:
-        field, message = describe_validation_error(exc)
-        raise InputError(message, path, field) from None
+    return validate_as(LabSpec, data, path)
 
 
 def builtin_lab_dir() -> Path:

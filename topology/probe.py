@@ -21,8 +21,8 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import zmq
-from pydantic import ValidationError
 
+from topology.errors import InputError
 from topology.hosts import HostEntry, HostsFile
 from topology.peer import AgentClient
 from topology.protocol import PeerError
@@ -32,8 +32,8 @@ from topology.schema import (
     Link,
     Measurement,
     Topology,
-    describe_validation_error,
 )
+from topology.validation import validate_as
 
 Pair = tuple[str, str]
 ProgressFn = Callable[[str, int, int], None]
@@ -160,12 +160,13 @@ class Coordinator:
                 found = c.request("local")["host"]
         except PeerError as exc:
             return _unreachable_host(entry, str(exc))
+        if not isinstance(found, dict):
+            return _unreachable_host(entry, "agent sent no host description")
+        fields = {**found, "name": entry.name, "address": entry.ip, "site": entry.site}
         try:
-            fields = {**found, "name": entry.name, "address": entry.ip, "site": entry.site}
-            return Host.model_validate(fields)
-        except (ValidationError, TypeError) as exc:
-            why = _why_invalid(exc)
-            return _unreachable_host(entry, f"agent sent an invalid host description: {why}")
+            return validate_as(Host, fields, f"agent {entry.name}")
+        except InputError as exc:
+            return _unreachable_host(entry, f"invalid host description: {exc.render()}")
 
     def _measure_all(self, names: list[str], progress: ProgressFn) -> tuple[list[Link], int, int]:
         if self.options.schedule == "sequential":
@@ -246,10 +247,3 @@ def _unreachable_host(entry: HostEntry, reason: str) -> Host:
     return Host(
         name=entry.name, address=entry.ip, site=entry.site, status="unreachable", reason=reason
     )
-
-
-def _why_invalid(exc: Exception) -> str:
-    if isinstance(exc, ValidationError):
-        field_name, message = describe_validation_error(exc)
-        return f"{field_name}: {message}"
-    return str(exc)

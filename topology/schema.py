@@ -12,29 +12,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from topology.errors import InputError
 from topology.files import load_yaml_mapping, write_text_atomic
+from topology.validation import Strict, validate_as
 
 TOPOLOGY_VERSION = 1
 
 Name = Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
 NicName = Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9][\w.:@-]*$")]
 Positive = Annotated[float, Field(gt=0)]
-
-
-class Strict(BaseModel):
-    """Base for every schema object: unknown keys are errors (catches typos in hand edits)."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class NicKind(StrEnum):
@@ -203,31 +196,9 @@ def _require_unique(names: list[str], field: str, what: str) -> None:
         seen.add(name)
 
 
-_INNER_FIELD = re.compile(r"^([A-Za-z_]+(?:\[\d+\])?(?:\.[A-Za-z_]+(?:\[\d+\])?)*): ")
-
-
-def describe_validation_error(exc: ValidationError) -> tuple[str, str]:
-    """The first problem of a pydantic error as (field path, message), plus a count of the rest."""
-    errors = exc.errors(include_url=False)
-    first = errors[0]
-    field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"]).lstrip(".")
-    message = first["msg"].removeprefix("Value error, ")
-    inner = _INNER_FIELD.match(message)
-    if inner:
-        field = f"{field}.{inner.group(1)}" if field else inner.group(1)
-        message = message[inner.end():]
-    if len(errors) > 1:
-        message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
-    return field or "(top level)", message
-
-
 def parse_topology(data: dict[str, Any], path: str | Path = "<topology>") -> Topology:
     """Validate a plain mapping as a Topology, or raise one InputError naming the field."""
-    try:
-        return Topology.model_validate(data)
-    except ValidationError as exc:
-        field, message = describe_validation_error(exc)
-        raise InputError(message, path, field) from None
+    return validate_as(Topology, data, path)
 
 
 def load_topology(path: str | Path) -> Topology:
