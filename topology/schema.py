@@ -180,7 +180,8 @@ class Topology(Strict):
         return yaml.safe_dump(self.to_plain(), sort_keys=False, default_flow_style=None, width=100)
 
     def to_plain(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude_none=True)
+        """Plain data without unset or default values (what the YAML file holds)."""
+        return self.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
 
     def sha256(self) -> str:
         """Digest of the canonical content (independent of YAML formatting and comments)."""

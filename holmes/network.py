@@ -1,0 +1,86 @@
+"""The network as the planner sees it: latency and bandwidth between any two devices.
+
+Figures come from the topology's measured links where there is one. Between hosts of
+one fabric without a measured link, the fabric's NIC speed is used; otherwise the
+slower of the two hosts' fastest Ethernet NICs (both must have a known speed). Devices
+of one host talk over INTRA_HOST_GBPS (an NVLink/PCIe-class assumption, stated here
+because the topology does not measure it). `socket_only` views the network as
+Megatron-style tools without NIC awareness use it: every host pair over Ethernet sockets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from holmes.fabric import Fabric, best_nic_kind, nic_speed_gbps, usable_nics
+from topology.errors import InputError
+from topology.schema import NicKind, Topology
+
+INTRA_HOST_GBPS = 1200.0
+INTRA_HOST_LATENCY_MS = 0.005
+UNMEASURED_LATENCY_MS = 0.01
+
+
+def host_of(device: str) -> str:
+    return device.split(":", 1)[0]
+
+
+@dataclass
+class Network:
+    """Host-to-host latency (ms) and bandwidth (Gbit/s), looked up once per pair."""
+
+    topology: Topology
+    fabrics: list[Fabric]
+    socket_only: bool = False
+    assumed: list[tuple[str, str]] = field(default_factory=list)
+    _cache: dict[tuple[str, str], tuple[float, float]] = field(default_factory=dict)
+
+    def host_link(self, a: str, b: str) -> tuple[float, float]:
+        """(latency_ms, bandwidth_gbps) between hosts `a` and `b`."""
+        if a == b:
+            return INTRA_HOST_LATENCY_MS, INTRA_HOST_GBPS
+        key = (a, b) if a < b else (b, a)
+        if key not in self._cache:
+            self._cache[key] = self._lookup(*key)
+        return self._cache[key]
+
+    def device_link(self, a: str, b: str) -> tuple[float, float]:
+        return self.host_link(host_of(a), host_of(b))
+
+    def _lookup(self, a: str, b: str) -> tuple[float, float]:
+        link = self.topology.link(a, b)
+        if link is not None and link.status == "unreachable":
+            raise InputError(f"hosts {a} and {b} cannot reach each other: {link.reason}",
+                             field="links")
+        fabric = self._shared_fabric(a, b)
+        fabric_speed = fabric.speed_gbps if fabric is not None and fabric.rdma else None
+        if link is not None:
+            bandwidth = link.bandwidth_gbps
+            if self.socket_only and fabric_speed is not None:
+                bandwidth = min(bandwidth, self._ethernet_gbps(a, b))
+            return link.latency_ms, bandwidth
+        self.assumed.append((a, b))
+        if fabric_speed is not None and not self.socket_only:
+            return UNMEASURED_LATENCY_MS, fabric_speed
+        return UNMEASURED_LATENCY_MS, self._ethernet_gbps(a, b)
+
+    def _shared_fabric(self, a: str, b: str) -> Fabric | None:
+        return next((f for f in self.fabrics if a in f.hosts and b in f.hosts), None)
+
+    def _ethernet_gbps(self, a: str, b: str) -> float:
+        speeds = [self._host_ethernet_gbps(h) for h in (a, b)]
+        return min(speeds)
+
+    def _host_ethernet_gbps(self, name: str) -> float:
+        host = self.topology.host(name)
+        ethernet = [n.speed_gbps for n in usable_nics(host)
+                    if n.kind == NicKind.ETHERNET and n.speed_gbps is not None]
+        if ethernet:
+            return max(ethernet)
+        kind = best_nic_kind(host)
+        speed = nic_speed_gbps(host, kind)
+        if speed is None:
+            raise InputError(f"no measured link from host {name} and no NIC with a known speed "
+                             "to assume one from; probe the hosts (hetsched probe run)",
+                             field=f"hosts.{name}.nics")
+        return speed
