@@ -29,6 +29,7 @@ class PlanModel(Strict):
     """What the plan trains, as far as the runtime and a reviewer need to know."""
 
     name: str
+    source: str | None = None
     layers: Positive
     hidden: Positive
     seq_len: Positive
@@ -102,6 +103,7 @@ class Estimates(Strict):
 class Plan(Strict):
     version: int
     topology_sha256: str
+    topology_file: str | None = None
     model: PlanModel
     sync: Literal["allreduce", "diloco"]
     replicas: list[Replica] = Field(min_length=1)

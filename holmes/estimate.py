@@ -1,0 +1,339 @@
+"""Estimates: how fast a layout runs, from the cost model and the pipeline simulator.
+
+For a `Layout` this module splits the layers (`partition_for`, the ILP in
+`holmes.partition`), builds the simulator's plain inputs (per-device forward seconds,
+per-pair latency and bandwidth, one route per microbatch, memory limits, the
+data-parallel all-reduce as each device's tail) and runs `skippipe.simulate` for every
+replica. Sync between replicas is either a per-step all-reduce (added to the tail) or
+streaming DiLoCo (amortised: only the part of each fragment's exchange that does not fit
+in its overlap window stalls training).
+
+When every stage of a replica has the same number of devices, the replica is a set of
+identical lanes and only lane 0 is simulated; each host pair's bandwidth is then shared
+by the lanes that cross it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+
+from holmes import costs
+from holmes.fabric import Fabric
+from holmes.model import ModelConfig
+from holmes.network import Network, host_of
+from holmes.partition import Partition, StageCost, partition_layers
+from holmes.placement import Layout, Stages
+from skippipe.simulate import PipelineSpec, Route, SimResult, simulate
+from topology.schema import Topology
+
+QUANTIZED_BYTES_PER_PARAM = {"fp4": 0.5 + 2 / 32, "int8": 1.0 + 4 / 128, "bf16": 2.0,
+                             "none": 4.0}
+
+
+@dataclass(frozen=True)
+class DilocoChoice:
+    sync_every: int = 100
+    fragments: int = 4
+    pattern: str = "strided"
+    overlap_steps: int = 2
+    alpha: float = 0.5
+    quantization: str = "fp4"
+
+
+@dataclass
+class Estimate:
+    """One evaluated candidate: layout, layers per stage, sync and the predicted speed."""
+
+    layout: Layout
+    partition: Partition
+    sync: str
+    iteration_s: float
+    sync_s_per_step: float
+    tokens_per_s: float
+    bubble_fraction: float
+    bytes_per_step: dict[str, float]
+    memory_gb: dict[str, float]
+    routes: list[list[Route]]
+    simulation: SimResult
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def step_s(self) -> float:
+        return self.iteration_s + self.sync_s_per_step
+
+
+@dataclass
+class Context:
+    """Everything an estimate reads besides the layout."""
+
+    topology: Topology
+    fabrics: list[Fabric]
+    network: Network
+    config: ModelConfig
+    diloco: DilocoChoice = field(default_factory=DilocoChoice)
+
+    @property
+    def microbatch(self) -> int:
+        return self.config.training.microbatch
+
+    def tflops(self, device: str) -> float | None:
+        return self._device(device).tflops
+
+    def memory_bytes(self, device: str) -> float:
+        return self._device(device).memory_gb * costs.GB
+
+    def _device(self, device: str):  # noqa: ANN202 - topology.schema.Device
+        host, name = device.split(":", 1)
+        return next(d for d in self.topology.host(host).devices if d.name == name)
+
+
+def in_flight_cap(stage: int, stages: int, microbatches: int) -> int:
+    """Microbatches stage `stage` holds at once: 1F1B's stages - stage, plus one.
+
+    The head sits at the origin, so a microbatch goes back to stage 0 for its loss before
+    its backward starts: every stage waits one hop longer than in Megatron's 1F1B, and
+    the partition reserves memory for exactly this many.
+    """
+    return max(1, min(stages - stage + 1, microbatches))
+
+
+def microbatches_per_replica(config: ModelConfig, replicas: int) -> int:
+    return max(1, math.ceil(config.training.microbatches / replicas))
+
+
+def partition_for(layout: Layout, ctx: Context, equal: bool = False) -> Partition:
+    """Layers per stage index (shared by all replicas), minimising the slowest stage."""
+    model, training = ctx.config.model, ctx.config.training
+    lanes = min(len(stage) for stage in layout.replicas[0])
+    in_flight_of = microbatches_per_replica(ctx.config, len(layout.replicas)) // max(1, lanes)
+    stage_costs = []
+    for s in range(layout.stages):
+        devices = [d for replica in layout.replicas for d in replica[s]]
+        slowest = min(devices, key=lambda d: ctx.tflops(d) or math.inf)
+        smallest = min(devices, key=ctx.memory_bytes)
+        memory = costs.stage_memory_terms(
+            model, microbatch=ctx.microbatch,
+            in_flight=in_flight_cap(s, layout.stages, in_flight_of),
+            holds_embedding=s == 0, holds_head=s == 0, recompute=training.recompute,
+            optimizer_shards=min(len(replica[s]) for replica in layout.replicas))
+        fixed = costs.head_train_seconds(model, ctx.microbatch, ctx.tflops(slowest)) if s == 0 \
+            else 0.0
+        stage_costs.append(StageCost(
+            device=smallest, capacity_bytes=ctx.memory_bytes(smallest),
+            seconds_per_layer=costs.layer_train_seconds(model, ctx.microbatch,
+                                                        ctx.tflops(slowest), training.recompute),
+            bytes_per_layer=memory.per_layer, fixed_bytes=memory.fixed,
+            fixed_seconds=0.0 if equal else fixed))
+    if equal:
+        return _equal_partition(stage_costs, model.layers)
+    return partition_layers(stage_costs, model.layers, model_name=model.name)
+
+
+def _equal_partition(stage_costs: list[StageCost], layers: int) -> Partition:
+    """Megatron's split: the same number of layers everywhere (remainder to the first)."""
+    n = len(stage_costs)
+    counts = [layers // n + (1 if i < layers % n else 0) for i in range(n)]
+    seconds = tuple(c.seconds(k) for c, k in zip(stage_costs, counts, strict=True))
+    return Partition(tuple(counts), seconds, max(seconds), "equal")
+
+
+def routes_of(replica: Stages, microbatches: int, first_id: int = 0) -> list[Route]:
+    """Full-pipeline routes: microbatch m uses device m mod size of every stage."""
+    return [Route(first_id + m, tuple(stage[m % len(stage)] for stage in replica))
+            for m in range(microbatches)]
+
+
+def _lane_sampled(replica: Stages) -> bool:
+    return len({len(stage) for stage in replica}) == 1 and len(replica[0]) > 1
+
+
+def estimate(layout: Layout, partition: Partition, ctx: Context, sync: str,
+             routes: list[list[Route]] | None = None) -> Estimate:
+    """Simulate every replica with `partition` and add the sync between replicas.
+
+    `routes` (per replica) default to full-pipeline routes; a plan's own routes may be
+    given instead (skipping routes are simulated as they are, without lane sampling).
+    """
+    per_replica = microbatches_per_replica(ctx.config, len(layout.replicas))
+    all_routes = routes or [routes_of(replica, per_replica, r * per_replica)
+                            for r, replica in enumerate(layout.replicas)]
+    results = []
+    bytes_per_step: Counter[str] = Counter()
+    for r, replica in enumerate(layout.replicas):
+        routes = all_routes[r]
+        full = all(len(rt.nodes) == len(replica) for rt in routes)
+        lanes = len(replica[0]) if full and _lane_sampled(replica) else 1
+        simulated = routes[::lanes]
+        result = simulate(_spec(replica, partition, ctx, simulated, lanes), record_timeline=r == 0)
+        results.append(result)
+        for (a, b), nbytes in result.bytes_per_link.items():
+            bytes_per_step[_link_class(ctx, a, b)] += nbytes * lanes
+        _add_data_parallel_bytes(bytes_per_step, replica, partition, ctx)
+    iteration_s = max(r.iteration_s for r in results)
+    sync_s, notes = _sync_cost(layout, partition, ctx, sync, iteration_s, bytes_per_step)
+    step_s = iteration_s + sync_s
+    tokens = ctx.config.training.global_batch * ctx.config.model.seq_len
+    return Estimate(
+        layout=layout, partition=partition, sync=sync, iteration_s=iteration_s,
+        sync_s_per_step=sync_s, tokens_per_s=tokens / step_s if step_s > 0 else 0.0,
+        bubble_fraction=max(r.bubble_fraction() for r in results),
+        bytes_per_step=dict(bytes_per_step), memory_gb=_memory_gb(layout, partition, ctx),
+        routes=all_routes, simulation=results[0], notes=notes)
+
+
+def _spec(replica: Stages, partition: Partition, ctx: Context, routes: list[Route],
+          lanes: int) -> PipelineSpec:
+    model, training = ctx.config.model, ctx.config.training
+    forward, tails, limits = {}, {}, {}
+    share = _lane_share(replica, routes) if lanes > 1 else Counter()
+    used = {d for route in routes for d in route.nodes}
+    for s, stage in enumerate(replica):
+        allreduce = _stage_allreduce_s(stage, partition.layers[s], s == 0, ctx)
+        for device in (d for d in stage if d in used):
+            forward[device] = (partition.layers[s] * ctx.microbatch
+                               * costs.layer_forward_seconds(model, ctx.tflops(device)))
+            tails[device] = allreduce
+            limits[device] = in_flight_cap(s, len(replica), len(routes))
+    ratio = costs.train_time_factor(training.recompute) - 1.0
+    loss = {stage0: costs.head_train_seconds(model, ctx.microbatch, ctx.tflops(stage0))
+            for stage0 in replica[0] if stage0 in used}
+
+    def latency(a: str, b: str) -> float:
+        return ctx.network.device_link(a, b)[0] / 1000
+
+    def bandwidth(a: str, b: str) -> float:
+        shared = share.get(frozenset((host_of(a), host_of(b))), 1)
+        return costs.gbps_to_bytes_per_s(ctx.network.device_link(a, b)[1]) / max(1, shared)
+
+    return PipelineSpec(
+        forward_s=forward, routes=routes,
+        activation_bytes=costs.boundary_activation_bytes(model, ctx.microbatch),
+        latency_s=latency, bandwidth_Bps=bandwidth, backward_ratio=ratio, loss_s=loss,
+        memory_limit=limits, tail_s=tails)
+
+
+def _lane_share(replica: Stages, routes: list[Route]) -> Counter[frozenset[str]]:
+    """How many lanes cross each host pair (a lane's hops include the return to its origin)."""
+    lanes = len(replica[0])
+    share: Counter[frozenset[str]] = Counter()
+    for j in range(lanes):
+        hosts = [host_of(stage[j]) for stage in replica]
+        pairs = {frozenset(p) for p in zip(hosts, [*hosts[1:], hosts[0]], strict=True)
+                 if p[0] != p[1]}
+        share.update(pairs)
+    return share
+
+
+def _stage_params(model, layers: int, first: bool) -> int:  # noqa: ANN001
+    params = layers * costs.layer_params(model)
+    if first:
+        params += costs.embedding_params(model) + costs.head_params(model)
+    return params
+
+
+def _gradient_bytes(ctx: Context, layers: int, first: bool) -> float:
+    grad_bytes = costs.TRAINING_BYTES_PER_PARAM[ctx.config.model.dtype][1]
+    return _stage_params(ctx.config.model, layers, first) * grad_bytes
+
+
+def _ring_link(devices: list[str], ctx: Context) -> tuple[float, float]:
+    """(latency s, bytes/s) of the slowest hop of a ring over `devices` in host order."""
+    hosts = list(dict.fromkeys(host_of(d) for d in devices))
+    if len(hosts) == 1:
+        latency_ms, gbps = ctx.network.host_link(hosts[0], hosts[0])
+    else:
+        hops = [ctx.network.host_link(a, b) for a, b in zip(hosts, hosts[1:] + hosts[:1],
+                                                             strict=True)]
+        latency_ms, gbps = max(h[0] for h in hops), min(h[1] for h in hops)
+    return latency_ms / 1000, costs.gbps_to_bytes_per_s(gbps)
+
+
+def _stage_allreduce_s(stage: tuple[str, ...], layers: int, first: bool, ctx: Context) -> float:
+    latency, bandwidth = _ring_link(list(stage), ctx)
+    return costs.allreduce_seconds(_gradient_bytes(ctx, layers, first), len(stage), latency,
+                                   bandwidth)
+
+
+def _add_data_parallel_bytes(total: Counter[str], replica: Stages, partition: Partition,
+                             ctx: Context) -> None:
+    for s, stage in enumerate(replica):
+        n = len(stage)
+        if n > 1:
+            moved = 2 * (n - 1) * _gradient_bytes(ctx, partition.layers[s], s == 0)
+            total[_group_class(ctx, list(stage))] += moved
+
+
+def _sync_cost(layout: Layout, partition: Partition, ctx: Context, sync: str,
+               iteration_s: float, total: Counter[str]) -> tuple[float, list[str]]:
+    replicas = len(layout.replicas)
+    if replicas == 1 or sync == "none":
+        return 0.0, []
+    seconds, notes = 0.0, []
+    for s in range(layout.stages):
+        across = [replica[s][0] for replica in layout.replicas]
+        latency, bandwidth = _ring_link(across, ctx)
+        grads = _gradient_bytes(ctx, partition.layers[s], s == 0)
+        group_class = _group_class(ctx, across)
+        if sync == "allreduce":
+            seconds = max(seconds, costs.allreduce_seconds(grads, replicas, latency, bandwidth))
+            total[group_class] += 2 * (replicas - 1) * grads * len(layout.replicas[0][s])
+            continue
+        stall, moved = _diloco_stage_cost(ctx, partition.layers[s], s == 0, replicas,
+                                          latency, bandwidth, iteration_s)
+        seconds = max(seconds, stall)
+        total[group_class] += moved * len(layout.replicas[0][s])
+    if sync == "diloco":
+        notes.append(f"DiLoCo exchange per step amortised over H={ctx.diloco.sync_every}")
+    return seconds, notes
+
+
+def _diloco_stage_cost(ctx: Context, layers: int, first: bool, replicas: int, latency: float,
+                       bandwidth: float, iteration_s: float) -> tuple[float, float]:
+    """(stall seconds per step, bytes moved per step) of streaming DiLoCo for one stage."""
+    d = ctx.diloco
+    params = _stage_params(ctx.config.model, layers, first)
+    fragment = params * QUANTIZED_BYTES_PER_PARAM[d.quantization] / d.fragments
+    exchange = costs.allreduce_seconds(fragment, replicas, latency, bandwidth)
+    stall_per_event = max(0.0, exchange - d.overlap_steps * iteration_s)
+    per_step = d.fragments / d.sync_every
+    return stall_per_event * per_step, 2 * (replicas - 1) * fragment * per_step
+
+
+def _link_class(ctx: Context, a: str, b: str) -> str:
+    return _host_class(ctx, host_of(a), host_of(b))
+
+
+def _group_class(ctx: Context, devices: list[str]) -> str:
+    hosts = list(dict.fromkeys(host_of(d) for d in devices))
+    order = ["intra_host", "intra_fabric", "inter_fabric", "inter_site"]
+    classes = [_host_class(ctx, a, b) for a in hosts for b in hosts if a < b] or ["intra_host"]
+    return max(classes, key=order.index)
+
+
+def _host_class(ctx: Context, a: str, b: str) -> str:
+    if a == b:
+        return "intra_host"
+    if any(a in f.hosts and b in f.hosts for f in ctx.fabrics):
+        return "intra_fabric"
+    if ctx.topology.host(a).site == ctx.topology.host(b).site:
+        return "inter_fabric"
+    return "inter_site"
+
+
+def _memory_gb(layout: Layout, partition: Partition, ctx: Context) -> dict[str, float]:
+    model, training = ctx.config.model, ctx.config.training
+    per_replica = microbatches_per_replica(ctx.config, len(layout.replicas))
+    memory = {}
+    for replica in layout.replicas:
+        lanes = len(replica[0]) if _lane_sampled(replica) else 1
+        for s, stage in enumerate(replica):
+            in_flight = in_flight_cap(s, layout.stages, per_replica // lanes)
+            used = costs.stage_memory(model, layers=partition.layers[s], microbatch=ctx.microbatch,
+                                      in_flight=in_flight, holds_embedding=s == 0,
+                                      holds_head=s == 0, recompute=training.recompute,
+                                      optimizer_shards=len(stage)).total
+            for device in stage:
+                memory[device] = round(used / costs.GB, 3)
+    return memory

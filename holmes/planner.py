@@ -1,0 +1,143 @@
+"""The planner: from a topology and a model to the best plan it can find, and why.
+
+Steps: find the fabrics; choose the regime (geo-distributed when there are three or more
+fabrics of at most two hosts each, data-centre islands otherwise); list candidate
+layouts; split the layers of each with the ILP; simulate it with each way to sync
+replicas; keep the fastest. Per-step all-reduce between replicas is kept where it costs
+at most ALLREDUCE_TOLERANCE more than streaming DiLoCo (DiLoCo changes the optimiser, so
+it must earn its place); the user can force either. `naive_estimate` is the
+Megatron-style baseline the benchmarks compare with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from holmes import costs
+from holmes.estimate import Context, DilocoChoice, Estimate, estimate, partition_for
+from holmes.fabric import Fabric, find_fabrics
+from holmes.model import ModelConfig
+from holmes.network import Network
+from holmes.placement import (
+    GeoCosts,
+    Layout,
+    datacentre_layouts,
+    device_ids,
+    geo_layout,
+    naive_layout,
+)
+from topology.errors import InputError
+from topology.schema import Topology
+
+ALLREDUCE_TOLERANCE = 1.10
+Regime = Literal["auto", "datacentre", "geo"]
+Sync = Literal["auto", "allreduce", "diloco"]
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    regime: Regime = "auto"
+    sync: Sync = "auto"
+    stages: int | None = None
+    max_stages: int = 64
+    diloco: DilocoChoice = field(default_factory=DilocoChoice)
+
+
+@dataclass
+class Decision:
+    """The chosen estimate, the runners-up, and what could not be planned and why."""
+
+    chosen: Estimate
+    candidates: list[Estimate]
+    regime: str
+    fabrics: list[Fabric]
+    context: Context
+    rejected: list[str] = field(default_factory=list)
+
+
+def decide(topology: Topology, config: ModelConfig, options: PlanOptions) -> Decision:
+    fabrics = find_fabrics(topology)
+    if not device_ids(topology):
+        raise InputError("the topology has no devices to train on", field="hosts[].devices")
+    context = Context(topology, fabrics, Network(topology, fabrics), config, options.diloco)
+    regime = _regime(fabrics, options.regime)
+    layouts = _layouts(regime, context, options)
+    candidates, rejected, errors = [], [], []
+    for layout in layouts:
+        try:
+            partition = partition_for(layout, context)
+        except InputError as exc:
+            rejected.append(f"{layout.description}: {exc.message}")
+            errors.append(exc)
+            continue
+        candidates += [estimate(layout, partition, context, sync)
+                       for sync in _syncs(layout, options.sync)]
+    if not candidates:
+        raise errors[-1] if errors else InputError("no layout fits the topology")
+    chosen = _best(candidates, options.sync)
+    return Decision(chosen, candidates, regime, fabrics, context, rejected)
+
+
+def _regime(fabrics: list[Fabric], wanted: Regime) -> str:
+    if wanted != "auto":
+        return wanted
+    scattered = len(fabrics) >= 3 and all(len(f.hosts) <= 2 for f in fabrics)
+    return "geo" if scattered else "datacentre"
+
+
+def _layouts(regime: str, ctx: Context, options: PlanOptions) -> list[Layout]:
+    if regime == "geo":
+        return [_geo(ctx, options)]
+    layouts = datacentre_layouts(ctx.topology, ctx.fabrics, ctx.network, options.max_stages)
+    if options.stages is not None:
+        layouts = [lay for lay in layouts if lay.stages == options.stages]
+    if not layouts:
+        raise InputError(f"no data-centre layout with {options.stages} stages", field="--stages")
+    return layouts
+
+
+def _geo(ctx: Context, options: PlanOptions) -> Layout:
+    devices = device_ids(ctx.topology)
+    model, training = ctx.config.model, ctx.config.training
+    stages = options.stages or min(len(devices), model.layers, 8)
+    if not 0 < stages <= len(devices):
+        raise InputError(f"cannot make {stages} stages from {len(devices)} devices",
+                         field="--stages")
+    per_stage_layers = max(1, model.layers // stages)
+    grad_bytes = costs.TRAINING_BYTES_PER_PARAM[model.dtype][1]
+    geo_costs = GeoCosts(
+        stage_gradient_bytes=per_stage_layers * costs.layer_params(model) * grad_bytes,
+        activation_bytes=costs.boundary_activation_bytes(model, training.microbatch),
+        microbatches=training.microbatches)
+    return geo_layout(devices, stages, ctx.network, geo_costs)
+
+
+def _syncs(layout: Layout, wanted: Sync) -> list[str]:
+    if len(layout.replicas) == 1:
+        return ["none"]
+    return ["allreduce", "diloco"] if wanted == "auto" else [wanted]
+
+
+def _best(candidates: list[Estimate], wanted: Sync) -> Estimate:
+    fastest = min(candidates, key=lambda e: e.step_s)
+    if wanted != "auto" or fastest.sync != "diloco":
+        return fastest
+    same = [e for e in candidates if e.layout == fastest.layout and e.sync == "allreduce"]
+    if same and same[0].step_s <= ALLREDUCE_TOLERANCE * fastest.step_s:
+        return same[0]
+    return fastest
+
+
+def naive_estimate(topology: Topology, config: ModelConfig, like: Estimate) -> Estimate:
+    """Megatron-style baseline with the plan's depth and width: ranks in host order,
+    pipeline outermost, equal layers, every link over Ethernet sockets (NIC kinds ignored)."""
+    fabrics = find_fabrics(topology)
+    network = Network(topology, fabrics, socket_only=True)
+    context = Context(topology, fabrics, network, config)
+    dp = len(like.layout.replicas[0][0])
+    replicas = len(like.layout.replicas)
+    layout = naive_layout(topology, like.layout.stages, dp, replicas)
+    partition = partition_for(layout, context, equal=True)
+    sync = "allreduce" if replicas > 1 else "none"
+    return estimate(layout, partition, context, sync)

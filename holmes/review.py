@@ -1,0 +1,74 @@
+"""Reading a plan back with the topology and model it was made for, and re-estimating it.
+
+`show` and `simulate` use this: the plan names its topology file and model; the
+topology's sha256 must match the one in the plan (a plan made for another network is a
+clear refusal). The plan's own stages, layers and routes are simulated as written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from holmes.estimate import Context, DilocoChoice, Estimate, estimate
+from holmes.fabric import find_fabrics
+from holmes.model import ModelConfig, load_model
+from holmes.network import Network
+from holmes.partition import Partition
+from holmes.placement import Layout
+from holmes.plan import Plan
+from skippipe.simulate import Route
+from topology.errors import InputError
+from topology.schema import Topology, load_topology
+
+
+def plan_topology(plan: Plan, plan_path: Path, topology_path: Path | None) -> Topology:
+    """The topology the plan was made for: `--topology`, else the file the plan names."""
+    if topology_path is None:
+        if plan.topology_file is None:
+            raise InputError("the plan names no topology file; pass --topology", plan_path)
+        topology_path = Path(plan.topology_file)
+        if not topology_path.is_absolute():
+            topology_path = plan_path.parent / topology_path
+    topology = load_topology(topology_path)
+    if topology.sha256() != plan.topology_sha256:
+        raise InputError(f"was made for topology {plan.topology_sha256[:12]}, but "
+                         f"{topology_path} is {topology.sha256()[:12]} (changed since?)",
+                         plan_path, "topology_sha256")
+    return topology
+
+
+def plan_model(plan: Plan, model: str | None) -> ModelConfig:
+    return load_model(model or plan.model.source or plan.model.name)
+
+
+def layout_of(plan: Plan) -> Layout:
+    replicas = tuple(tuple(tuple(plan.stage(s).devices) for s in replica.stages)
+                     for replica in plan.replicas)
+    return Layout("plan", replicas, "as written in the plan")
+
+
+def partition_of(plan: Plan) -> Partition:
+    stages = plan.stage
+    first = plan.replicas[0].stages
+    counts = tuple(stages(s).layers[1] - stages(s).layers[0] for s in first)
+    return Partition(counts, tuple(0.0 for _ in counts), 0.0, "plan")
+
+
+def routes_of_plan(plan: Plan) -> list[list[Route]]:
+    replica_of = {d: stage.replica for stage in plan.stages for d in stage.devices}
+    routes: list[list[Route]] = [[] for _ in plan.replicas]
+    for path in plan.paths:
+        routes[replica_of[path.origin]].append(Route(path.microbatch, tuple(path.route)))
+    return routes
+
+
+def estimate_plan(plan: Plan, topology: Topology, config: ModelConfig) -> Estimate:
+    fabrics = find_fabrics(topology)
+    ctx = Context(topology, fabrics, Network(topology, fabrics), config)
+    if plan.diloco is not None:
+        d = plan.diloco
+        ctx.diloco = DilocoChoice(d.sync_every, d.fragments, d.pattern, d.overlap_steps,
+                                  d.alpha, d.quantization)
+    sync = "diloco" if plan.sync == "diloco" else ("allreduce" if len(plan.replicas) > 1
+                                                   else "none")
+    return estimate(layout_of(plan), partition_of(plan), ctx, sync, routes_of_plan(plan))
