@@ -150,7 +150,7 @@ def _lane_sampled(replica: Stages) -> bool:
 
 
 def estimate(layout: Layout, partition: Partition, ctx: Context, sync: str,
-             routes: list[list[Route]] | None = None) -> Estimate:
+             routes: list[list[Route]] | None = None, timeline: bool = True) -> Estimate:
     """Simulate every replica with `partition` and add the sync between replicas.
 
     `routes` (per replica) default to full-pipeline routes; a plan's own routes may be
@@ -166,7 +166,8 @@ def estimate(layout: Layout, partition: Partition, ctx: Context, sync: str,
         full = all(len(rt.nodes) == len(replica) for rt in routes)
         lanes = len(replica[0]) if full and _lane_sampled(replica) else 1
         simulated = routes[::lanes]
-        result = simulate(_spec(replica, partition, ctx, simulated, lanes), record_timeline=r == 0)
+        spec = _spec(replica, partition, ctx, simulated, lanes)
+        result = simulate(spec, record_timeline=timeline and r == 0)
         results.append(result)
         for (a, b), nbytes in result.bytes_per_link.items():
             bytes_per_step[_link_class(ctx, a, b)] += nbytes * lanes

@@ -127,3 +127,16 @@ def test_disconnected_hosts_are_refused() -> None:
     broken = Topology.model_validate(data)
     with pytest.raises(InputError, match="cannot reach each other: no route"):
         decide(broken, load_model("tiny-gpt"), PlanOptions())
+
+
+def test_geo_regime_refines_the_dt_fm_placement() -> None:
+    topology = load_topology(EXAMPLES / "geo12" / "topology.yaml")
+    decision = decide(topology, load_model("skippipe-llama-24l"),
+                      PlanOptions(stages=6, refine_rounds=40))
+    assert decision.regime == "geo"
+    dt_fm, refined = decision.candidates
+    assert "refined by simulation" in refined.layout.description
+    assert refined.step_s <= dt_fm.step_s
+    assert decision.chosen is refined or decision.chosen.step_s <= refined.step_s
+    sizes = sorted(len(stage) for stage in decision.chosen.layout.replicas[0])
+    assert sizes == [3, 3, 3, 3, 3, 5]
