@@ -3,7 +3,8 @@
 With root: bring up the built-in lab of 2 sites x 2 hosts (1 Gbit/s inside a site,
 50 Mbit/s between sites), probe every host pair, write topology.yaml, and take the lab
 down again (also on Ctrl-C or failure). Without root: discover this host only and say
-that no links were shaped or measured. Planning and launching join in later releases.
+that no links were shaped or measured. Either way, plan the tiny GPT on the topology
+(plan.yaml) and show the plan. Launching joins in a later release.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from topology.schema import TOPOLOGY_VERSION, Topology, load_topology, save_topo
 
 DEMO_LAB = "lab-2x2"
 DEMO_NAME = "demo"
+DEMO_MODEL = "tiny-gpt"
 
 
 def lab_available() -> bool:
@@ -33,7 +35,7 @@ def lab_available() -> bool:
 @click.command()
 @click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("hetsched-demo"), show_default=True,
-              help="Folder for the files the demo writes (topology.yaml).")
+              help="Folder for the files the demo writes (topology.yaml, plan.yaml).")
 @click.option("--local", "force_local", is_flag=True,
               help="Skip the lab even with root: discover this host only.")
 @reports_input_errors
@@ -43,13 +45,24 @@ def demo(output_dir: Path, force_local: bool) -> None:
     topology_path = output_dir / "topology.yaml"
     if force_local or not lab_available():
         _local_demo(topology_path, force_local)
-        return
-    status = _lab_demo(topology_path)
-    topology = load_topology(topology_path)
-    click.echo(f"\n{len(topology.hosts)} hosts, {len(topology.links)} links measured; "
-               f"see {topology_path} (sha256 {topology.sha256()[:12]})")
+        status = 0
+    else:
+        status = _lab_demo(topology_path)
+        topology = load_topology(topology_path)
+        click.echo(f"\n{len(topology.hosts)} hosts, {len(topology.links)} links measured; "
+                   f"see {topology_path} (sha256 {topology.sha256()[:12]})")
+    _plan_demo(topology_path, output_dir / "plan.yaml")
     if status != 0:
         sys.exit(EXIT_INCOMPLETE)
+
+
+def _plan_demo(topology_path: Path, plan_path: Path) -> None:
+    from cli.plan import plan, show
+
+    click.echo(f"\n[plan] {DEMO_MODEL} on {topology_path}", err=True)
+    plan.main([str(topology_path), "-m", DEMO_MODEL, "-o", str(plan_path)],
+              standalone_mode=False)
+    show.main([str(plan_path)], standalone_mode=False)
 
 
 def _lab_demo(topology_path: Path) -> int:
@@ -58,8 +71,9 @@ def _lab_demo(topology_path: Path) -> int:
     lab_down(DEMO_NAME)
     lab_up(spec)
     try:
-        click.echo("[2/3] probe: an agent in every lab host, all pairs measured", err=True)
-        return probe_lab(find_lab(DEMO_NAME), topology_path, ProbeOptions())
+        click.echo("[2/3] probe: an agent in every lab host (each times a matmul on the CPUs "
+                   "the lab hosts share), all pairs measured", err=True)
+        return probe_lab(find_lab(DEMO_NAME), topology_path, ProbeOptions(), flops=True)
     finally:
         click.echo("[3/3] lab down", err=True)
         lab_down(DEMO_NAME)
@@ -74,5 +88,4 @@ def _local_demo(topology_path: Path, forced: bool) -> None:
     host = discover_host()
     topology = Topology(version=TOPOLOGY_VERSION, hosts=[host])
     save_topology(topology, topology_path, header=f"hetsched demo (local) on {host.name}")
-    click.echo(topology.to_yaml())
     click.echo(f"wrote {topology_path}", err=True)

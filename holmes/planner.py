@@ -60,8 +60,7 @@ class Decision:
 
 def decide(topology: Topology, config: ModelConfig, options: PlanOptions) -> Decision:
     fabrics = find_fabrics(topology)
-    if not device_ids(topology):
-        raise InputError("the topology has no devices to train on", field="hosts[].devices")
+    _require_devices(topology, config)
     context = Context(topology, fabrics, Network(topology, fabrics), config, options.diloco)
     regime = _regime(fabrics, options.regime)
     layouts = _layouts(regime, context, options)
@@ -82,6 +81,20 @@ def decide(topology: Topology, config: ModelConfig, options: PlanOptions) -> Dec
         raise errors[-1] if errors else InputError("no layout fits the topology")
     chosen = _best(candidates, options.sync)
     return Decision(chosen, candidates, regime, fabrics, context, rejected)
+
+
+def _require_devices(topology: Topology, config: ModelConfig) -> None:
+    devices = device_ids(topology)
+    if not devices:
+        raise InputError("the topology has no devices to train on", field="hosts[].devices")
+    if config.model.seconds_per_layer_per_sample is not None:
+        return
+    slow = [f"{h.name}:{d.name}" for h in topology.hosts for d in h.devices if d.tflops is None]
+    if slow:
+        more = f" (and {len(slow) - 1} more)" if len(slow) > 1 else ""
+        raise InputError(f"device {slow[0]}{more} has no tflops, and model {config.model.name} "
+                         "gives no seconds_per_layer_per_sample: probe with --flops or set one",
+                         field="hosts[].devices[].tflops")
 
 
 def _regime(fabrics: list[Fabric], wanted: Regime) -> str:
