@@ -10,7 +10,7 @@ in its overlap window stalls training).
 
 When every stage of a replica has the same number of devices, the replica is a set of
 identical lanes and only lane 0 is simulated; each host pair's bandwidth is then shared
-by the lanes that cross it.
+by the lanes that cross it. The head and loss run where the layout says (`loss_at`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from holmes.network import Network, host_of
 from holmes.partition import Partition, StageCost, partition_layers
 from holmes.placement import Layout, Stages
 from skippipe.simulate import PipelineSpec, Route, SimResult, simulate
+from topology.errors import InputError
 from topology.schema import Topology
 
 QUANTIZED_BYTES_PER_PARAM = {"fp4": 0.5 + 2 / 32, "int8": 1.0 + 4 / 128, "bf16": 2.0,
@@ -89,14 +90,15 @@ class Context:
         return next(d for d in self.topology.host(host).devices if d.name == name)
 
 
-def in_flight_cap(stage: int, stages: int, microbatches: int) -> int:
-    """Microbatches stage `stage` holds at once: 1F1B's stages - stage, plus one.
+def in_flight_cap(stage: int, stages: int, microbatches: int, loss_at: str = "last") -> int:
+    """Microbatches stage `stage` holds at once: 1F1B's stages - stage.
 
-    The head sits at the origin, so a microbatch goes back to stage 0 for its loss before
-    its backward starts: every stage waits one hop longer than in Megatron's 1F1B, and
-    the partition reserves memory for exactly this many.
+    With the head at the origin a microbatch goes back to stage 0 for its loss before its
+    backward starts, so every stage waits one hop longer and holds one more. The partition
+    reserves memory for exactly this many; the simulator caps each device at it.
     """
-    return max(1, min(stages - stage + 1, microbatches))
+    extra = 1 if loss_at == "origin" else 0
+    return max(1, min(stages - stage + extra, microbatches))
 
 
 def microbatches_per_replica(config: ModelConfig, replicas: int) -> int:
@@ -113,12 +115,13 @@ def partition_for(layout: Layout, ctx: Context, equal: bool = False) -> Partitio
         devices = [d for replica in layout.replicas for d in replica[s]]
         slowest = min(devices, key=lambda d: ctx.tflops(d) or math.inf)
         smallest = min(devices, key=ctx.memory_bytes)
+        head = s == layout.head_stage
         memory = costs.stage_memory_terms(
             model, microbatch=ctx.microbatch,
-            in_flight=in_flight_cap(s, layout.stages, in_flight_of),
-            holds_embedding=s == 0, holds_head=s == 0, recompute=training.recompute,
+            in_flight=in_flight_cap(s, layout.stages, in_flight_of, layout.loss_at),
+            holds_embedding=s == 0, holds_head=head, recompute=training.recompute,
             optimizer_shards=min(len(replica[s]) for replica in layout.replicas))
-        fixed = costs.head_train_seconds(model, ctx.microbatch, ctx.tflops(slowest)) if s == 0 \
+        fixed = costs.head_train_seconds(model, ctx.microbatch, ctx.tflops(slowest)) if head \
             else 0.0
         stage_costs.append(StageCost(
             device=smallest, capacity_bytes=ctx.memory_bytes(smallest),
@@ -127,14 +130,19 @@ def partition_for(layout: Layout, ctx: Context, equal: bool = False) -> Partitio
             bytes_per_layer=memory.per_layer, fixed_bytes=memory.fixed,
             fixed_seconds=0.0 if equal else fixed))
     if equal:
-        return _equal_partition(stage_costs, model.layers)
+        return _equal_partition(stage_costs, model.layers, model.name)
     return partition_layers(stage_costs, model.layers, model_name=model.name)
 
 
-def _equal_partition(stage_costs: list[StageCost], layers: int) -> Partition:
+def _equal_partition(stage_costs: list[StageCost], layers: int, name: str) -> Partition:
     """Megatron's split: the same number of layers everywhere (remainder to the first)."""
     n = len(stage_costs)
     counts = [layers // n + (1 if i < layers % n else 0) for i in range(n)]
+    for i, (cost, count) in enumerate(zip(stage_costs, counts, strict=True)):
+        if cost.bytes(count) > cost.capacity_bytes:
+            short = (cost.bytes(count) - cost.capacity_bytes) / costs.GIB
+            raise InputError(f"{name} split equally does not fit: stage {i} (device "
+                             f"{cost.device}) needs {short:.1f} GiB more for {count} layers")
     seconds = tuple(c.seconds(k) for c, k in zip(stage_costs, counts, strict=True))
     return Partition(tuple(counts), seconds, max(seconds), "equal")
 
@@ -166,12 +174,12 @@ def estimate(layout: Layout, partition: Partition, ctx: Context, sync: str,
         full = all(len(rt.nodes) == len(replica) for rt in routes)
         lanes = len(replica[0]) if full and _lane_sampled(replica) else 1
         simulated = routes[::lanes]
-        spec = _spec(replica, partition, ctx, simulated, lanes)
+        spec = _spec(layout, replica, partition, ctx, simulated, lanes)
         result = simulate(spec, record_timeline=timeline and r == 0)
         results.append(result)
         for (a, b), nbytes in result.bytes_per_link.items():
             bytes_per_step[_link_class(ctx, a, b)] += nbytes * lanes
-        _add_data_parallel_bytes(bytes_per_step, replica, partition, ctx)
+        _add_data_parallel_bytes(bytes_per_step, layout, replica, partition, ctx)
     iteration_s = max(r.iteration_s for r in results)
     sync_s, notes = _sync_cost(layout, partition, ctx, sync, iteration_s, bytes_per_step)
     step_s = iteration_s + sync_s
@@ -184,22 +192,22 @@ def estimate(layout: Layout, partition: Partition, ctx: Context, sync: str,
         routes=all_routes, simulation=results[0], notes=notes)
 
 
-def _spec(replica: Stages, partition: Partition, ctx: Context, routes: list[Route],
-          lanes: int) -> PipelineSpec:
+def _spec(layout: Layout, replica: Stages, partition: Partition, ctx: Context,
+          routes: list[Route], lanes: int) -> PipelineSpec:
     model, training = ctx.config.model, ctx.config.training
     forward, tails, limits = {}, {}, {}
     share = _lane_share(replica, routes) if lanes > 1 else Counter()
     used = {d for route in routes for d in route.nodes}
     for s, stage in enumerate(replica):
-        allreduce = _stage_allreduce_s(stage, partition.layers[s], s == 0, ctx)
+        allreduce = _stage_allreduce_s(stage, partition.layers[s], _holds(layout, s), ctx)
         for device in (d for d in stage if d in used):
             forward[device] = (partition.layers[s] * ctx.microbatch
                                * costs.layer_forward_seconds(model, ctx.tflops(device)))
             tails[device] = allreduce
-            limits[device] = in_flight_cap(s, len(replica), len(routes))
+            limits[device] = in_flight_cap(s, len(replica), len(routes), layout.loss_at)
     ratio = costs.train_time_factor(training.recompute) - 1.0
-    loss = {stage0: costs.head_train_seconds(model, ctx.microbatch, ctx.tflops(stage0))
-            for stage0 in replica[0] if stage0 in used}
+    loss = {d: costs.head_train_seconds(model, ctx.microbatch, ctx.tflops(d))
+            for d in replica[layout.head_stage] if d in used}
 
     def latency(a: str, b: str) -> float:
         return ctx.network.device_link(a, b)[0] / 1000
@@ -212,7 +220,7 @@ def _spec(replica: Stages, partition: Partition, ctx: Context, routes: list[Rout
         forward_s=forward, routes=routes,
         activation_bytes=costs.boundary_activation_bytes(model, ctx.microbatch),
         latency_s=latency, bandwidth_Bps=bandwidth, backward_ratio=ratio, loss_s=loss,
-        memory_limit=limits, tail_s=tails)
+        memory_limit=limits, tail_s=tails, loss_at=layout.loss_at)
 
 
 def _lane_share(replica: Stages, routes: list[Route]) -> Counter[frozenset[str]]:
@@ -227,16 +235,21 @@ def _lane_share(replica: Stages, routes: list[Route]) -> Counter[frozenset[str]]
     return share
 
 
-def _stage_params(model, layers: int, first: bool) -> int:  # noqa: ANN001
+def _holds(layout: Layout, stage: int) -> tuple[bool, bool]:
+    """(embedding, head) held by `stage`."""
+    return stage == 0, stage == layout.head_stage
+
+
+def _stage_params(model, layers: int, holds: tuple[bool, bool]) -> int:  # noqa: ANN001
     params = layers * costs.layer_params(model)
-    if first:
-        params += costs.embedding_params(model) + costs.head_params(model)
+    params += costs.embedding_params(model) if holds[0] else 0
+    params += costs.head_params(model) if holds[1] else 0
     return params
 
 
-def _gradient_bytes(ctx: Context, layers: int, first: bool) -> float:
+def _gradient_bytes(ctx: Context, layers: int, holds: tuple[bool, bool]) -> float:
     grad_bytes = costs.TRAINING_BYTES_PER_PARAM[ctx.config.model.dtype][1]
-    return _stage_params(ctx.config.model, layers, first) * grad_bytes
+    return _stage_params(ctx.config.model, layers, holds) * grad_bytes
 
 
 def _ring_link(devices: list[str], ctx: Context) -> tuple[float, float]:
@@ -251,18 +264,19 @@ def _ring_link(devices: list[str], ctx: Context) -> tuple[float, float]:
     return latency_ms / 1000, costs.gbps_to_bytes_per_s(gbps)
 
 
-def _stage_allreduce_s(stage: tuple[str, ...], layers: int, first: bool, ctx: Context) -> float:
+def _stage_allreduce_s(stage: tuple[str, ...], layers: int, holds: tuple[bool, bool],
+                       ctx: Context) -> float:
     latency, bandwidth = _ring_link(list(stage), ctx)
-    return costs.allreduce_seconds(_gradient_bytes(ctx, layers, first), len(stage), latency,
+    return costs.allreduce_seconds(_gradient_bytes(ctx, layers, holds), len(stage), latency,
                                    bandwidth)
 
 
-def _add_data_parallel_bytes(total: Counter[str], replica: Stages, partition: Partition,
-                             ctx: Context) -> None:
+def _add_data_parallel_bytes(total: Counter[str], layout: Layout, replica: Stages,
+                             partition: Partition, ctx: Context) -> None:
     for s, stage in enumerate(replica):
         n = len(stage)
         if n > 1:
-            moved = 2 * (n - 1) * _gradient_bytes(ctx, partition.layers[s], s == 0)
+            moved = 2 * (n - 1) * _gradient_bytes(ctx, partition.layers[s], _holds(layout, s))
             total[_group_class(ctx, list(stage))] += moved
 
 
@@ -275,14 +289,15 @@ def _sync_cost(layout: Layout, partition: Partition, ctx: Context, sync: str,
     for s in range(layout.stages):
         across = [replica[s][0] for replica in layout.replicas]
         latency, bandwidth = _ring_link(across, ctx)
-        grads = _gradient_bytes(ctx, partition.layers[s], s == 0)
+        bandwidth *= _parallel_rings(layout, s)
+        grads = _gradient_bytes(ctx, partition.layers[s], _holds(layout, s))
         group_class = _group_class(ctx, across)
         if sync == "allreduce":
             seconds = max(seconds, costs.allreduce_seconds(grads, replicas, latency, bandwidth))
             total[group_class] += 2 * (replicas - 1) * grads * len(layout.replicas[0][s])
             continue
-        stall, moved = _diloco_stage_cost(ctx, partition.layers[s], s == 0, replicas,
-                                          latency, bandwidth, iteration_s)
+        stall, moved = _diloco_stage_cost(ctx, partition.layers[s], _holds(layout, s),
+                                          replicas, latency, bandwidth, iteration_s)
         seconds = max(seconds, stall)
         total[group_class] += moved * len(layout.replicas[0][s])
     if sync == "diloco":
@@ -290,11 +305,18 @@ def _sync_cost(layout: Layout, partition: Partition, ctx: Context, sync: str,
     return seconds, notes
 
 
-def _diloco_stage_cost(ctx: Context, layers: int, first: bool, replicas: int, latency: float,
-                       bandwidth: float, iteration_s: float) -> tuple[float, float]:
+def _parallel_rings(layout: Layout, stage: int) -> int:
+    """Hosts per replica in `stage`: a hierarchical all-reduce runs one cross-replica ring
+    per host (each on its own NIC) over a shard of the stage's gradients."""
+    return min(len({host_of(d) for d in replica[stage]}) for replica in layout.replicas)
+
+
+def _diloco_stage_cost(ctx: Context, layers: int, holds: tuple[bool, bool], replicas: int,
+                       latency: float, bandwidth: float,
+                       iteration_s: float) -> tuple[float, float]:
     """(stall seconds per step, bytes moved per step) of streaming DiLoCo for one stage."""
     d = ctx.diloco
-    params = _stage_params(ctx.config.model, layers, first)
+    params = _stage_params(ctx.config.model, layers, holds)
     fragment = params * QUANTIZED_BYTES_PER_PARAM[d.quantization] / d.fragments
     exchange = costs.allreduce_seconds(fragment, replicas, latency, bandwidth)
     stall_per_event = max(0.0, exchange - d.overlap_steps * iteration_s)
@@ -330,10 +352,11 @@ def _memory_gb(layout: Layout, partition: Partition, ctx: Context) -> dict[str, 
     for replica in layout.replicas:
         lanes = len(replica[0]) if _lane_sampled(replica) else 1
         for s, stage in enumerate(replica):
-            in_flight = in_flight_cap(s, layout.stages, per_replica // lanes)
+            in_flight = in_flight_cap(s, layout.stages, per_replica // lanes, layout.loss_at)
             used = costs.stage_memory(model, layers=partition.layers[s], microbatch=ctx.microbatch,
                                       in_flight=in_flight, holds_embedding=s == 0,
-                                      holds_head=s == 0, recompute=training.recompute,
+                                      holds_head=s == layout.head_stage,
+                                      recompute=training.recompute,
                                       optimizer_shards=len(stage)).total
             for device in stage:
                 memory[device] = round(used / costs.GB, 3)

@@ -14,6 +14,7 @@ Three ways to lay devices out, all producing a `Layout` (layers come later):
 from __future__ import annotations
 
 import itertools
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,12 +33,19 @@ class Layout:
     """Replicas of pipelines: `replicas[r][s]` lists the devices of stage s of replica r.
 
     Within a stage the devices are data-parallel; lane j of a replica is the j-th device of
-    each stage (a microbatch travels along one lane when the pipeline is full).
+    each stage (a microbatch travels along one lane when the pipeline is full). `loss_at`
+    says where the head and loss run: on the last stage (Megatron), or back at the origin
+    in stage 0 (SkipPipe, whose partial routes always end where they began).
     """
+
+    @property
+    def head_stage(self) -> int:
+        return 0 if self.loss_at == "origin" else self.stages - 1
 
     regime: str
     replicas: tuple[Stages, ...]
     description: str
+    loss_at: str = "last"
 
     @property
     def stages(self) -> int:
@@ -65,6 +73,8 @@ def datacentre_layouts(
     if len(sites) > 1 and all(f.site is not None for f in fabrics):
         per_site = [[f for f in fabrics if f.site == s] for s in sites]
         groupings.append(("one replica per site", per_site))
+    if len(fabrics) > 1 and len(fabrics) != len(sites):
+        groupings.append(("one replica per fabric", [[f] for f in fabrics]))
     layouts = []
     for description, groups in groupings:
         ordered = [order_fabrics(topology, group, network) for group in groups]
@@ -151,7 +161,8 @@ def geo_layout(devices: list[str], stages: int, network: Network, costs: GeoCost
     order, _ = search.best_order(groups)
     ordered = [groups[i] for i in order]
     return Layout("geo", (tuple(tuple(g) for g in ordered),),
-                  f"DT-FM placement of {len(devices)} nodes into stages of {sizes}")
+                  f"DT-FM placement of {len(devices)} nodes into stages of {sizes}",
+                  loss_at="origin")
 
 
 def stage_sizes(nodes: int, stages: int) -> list[int]:
@@ -221,9 +232,11 @@ class _GeoSearch:
         return path_cost * self.costs.microbatches / max(len(g) for g in groups)
 
     def _edge(self, a: list[str], b: list[str]) -> float:
-        """Bottleneck matching: the slowest pair when each node of a sends to its partner."""
-        small, big = (a, b) if len(a) <= len(b) else (b, a)
-        return max(min(self.time[(x, y)] for x in small) for y in big)
+        """The slowest hop between two stages as routes pair them: microbatch m goes from
+        a[m mod |a|] to b[m mod |b|] (`holmes.estimate.routes_of`), so the matching the
+        search optimises is exactly the one that will carry the activations."""
+        span = math.lcm(len(a), len(b))
+        return max(self.time[(a[m % len(a)], b[m % len(b)])] for m in range(span))
 
     def best_order(self, groups: list[list[str]]) -> tuple[list[int], float]:
         """Stage order from the largest group (the origins) with the cheapest open path."""

@@ -61,10 +61,15 @@ class MicrobatchPath(Strict):
 
 
 class Group(Strict):
-    """A process group with its backend and the NCCL/gloo environment chosen for its NICs."""
+    """A process group with its backend and the NCCL/gloo environment chosen for its NICs.
+
+    Kinds: `pipeline` (a replica's P2P traffic), `data` (a stage's data-parallel devices,
+    always inside one fabric), `replica` (per-step all-reduce of one stage lane across
+    replicas, which does cross clusters) and `diloco` (the same lane's outer sync).
+    """
 
     name: str
-    kind: Literal["pipeline", "data", "diloco"]
+    kind: Literal["pipeline", "data", "replica", "diloco"]
     ranks: list[NonNegative] = Field(min_length=1)
     backend: Literal["nccl", "gloo"]
     env: dict[str, str] = Field(default_factory=dict)

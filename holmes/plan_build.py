@@ -2,8 +2,8 @@
 
 Ranks follow the `launch` section: hosts in topology order, devices in host order.
 Groups: one `pipeline` group per replica (its P2P traffic), one `data` group per stage
-with several devices, and one `diloco` (or cross-replica `data`) group per stage lane
-when there are several replicas. Each group carries the NCCL/gloo environment chosen for
+with several devices, and one `diloco` (or `replica`, for per-step all-reduce) group per
+stage lane when there are several replicas. Each group carries the NCCL/gloo environment chosen for
 the NICs its hosts share (`holmes.nics`).
 """
 
@@ -92,8 +92,11 @@ def _replicas(decision: Decision) -> list[Replica]:
 
 def _stages(chosen: Estimate) -> list[Stage]:
     layout, ranges = chosen.layout, chosen.partition.ranges()
+    def holds(s: int) -> list[str]:
+        return (["embedding"] if s == 0 else []) + (["head"] if s == layout.head_stage else [])
+
     return [Stage(id=r * layout.stages + s, replica=r, layers=ranges[s], devices=list(stage),
-                  holds=["embedding", "head"] if s == 0 else [])
+                  holds=holds(s))
             for r, replica in enumerate(layout.replicas) for s, stage in enumerate(replica)]
 
 
@@ -108,7 +111,7 @@ def _groups(decision: Decision, ranks: dict[str, int], backend: str) -> list[Gro
                 groups.append(_group(decision, f"data-r{r}-s{s}", "data", list(stage), ranks,
                                      backend))
     if len(layout.replicas) > 1:
-        kind = "diloco" if decision.chosen.sync == "diloco" else "data"
+        kind = "diloco" if decision.chosen.sync == "diloco" else "replica"
         for s in range(layout.stages):
             lanes = min(len(replica[s]) for replica in layout.replicas)
             for j in range(lanes):

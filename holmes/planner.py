@@ -12,7 +12,7 @@ Megatron-style baseline the benchmarks compare with.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from holmes import costs
@@ -143,14 +143,13 @@ def refine_by_simulation(start: Estimate, ctx: Context, rounds: int, seed: int =
         i, j = rng.sample(range(len(stages)), 2)
         a, b = rng.randrange(len(stages[i])), rng.randrange(len(stages[j]))
         stages[i][a], stages[j][b] = stages[j][b], stages[i][a]
-        layout = Layout(best.layout.regime, (tuple(tuple(s) for s in stages),),
-                        best.layout.description)
+        layout = replace(best.layout, replicas=(tuple(tuple(s) for s in stages),))
         trial = estimate(layout, best.partition, ctx, best.sync, timeline=False)
         if trial.step_s < best.step_s:
             best, kept = trial, kept + 1
     description = f"{start.layout.description}, refined by simulation ({kept} swaps kept)"
-    layout = Layout(best.layout.regime, best.layout.replicas, description)
-    return estimate(layout, best.partition, ctx, best.sync)
+    return estimate(replace(best.layout, description=description), best.partition, ctx,
+                    best.sync)
 
 
 def _syncs(layout: Layout, wanted: Sync) -> list[str]:

@@ -44,7 +44,9 @@ def plan_model(plan: Plan, model: str | None) -> ModelConfig:
 def layout_of(plan: Plan) -> Layout:
     replicas = tuple(tuple(tuple(plan.stage(s).devices) for s in replica.stages)
                      for replica in plan.replicas)
-    return Layout("plan", replicas, "as written in the plan")
+    first = plan.stage(plan.replicas[0].stages[0])
+    loss_at = "origin" if "head" in first.holds and len(replicas[0]) > 1 else "last"
+    return Layout("plan", replicas, "as written in the plan", loss_at=loss_at)
 
 
 def partition_of(plan: Plan) -> Partition:

@@ -14,7 +14,10 @@ Model (everything here is deterministic):
   activations go back from ``nk`` to ``o``; ``o`` runs the *loss* task (head
   forward + loss + head backward, ``loss_s``); the gradient goes to ``nk``; then
   backward runs on ``nk``, ..., ``n1`` and last on ``o`` (its stage-0 layers).
-  A single-node route has no transfers. Backward time on a node is
+  A single-node route has no transfers. With ``loss_at="last"`` (Megatron's layout:
+  the head on the last stage) the loss runs on ``nk`` right after its forward and
+  backward starts there, so nothing travels back to the origin; SkipPipe's partial
+  routes need the default, ``"origin"``. Backward time on a node is
   ``backward_ratio * forward_s[node]``. A node may appear at most once per route.
 * **Compute.** A node runs one compute task (forward, loss, backward) at a time
   and never preempts one. When it is idle and has ready tasks it picks, in this
@@ -53,7 +56,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from numbers import Integral
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 __all__ = ["Event", "PipelineSpec", "Route", "SimResult", "simulate"]
 
@@ -82,7 +85,8 @@ class PipelineSpec:
     ``latency_s`` and ``bandwidth_Bps`` are either a function ``(src, dst) -> value``
     or a mapping keyed by ``(src, dst)``; a mapping without ``(src, dst)`` falls
     back to ``(dst, src)`` (links measured once for both directions).
-    ``loss_s`` as a mapping is keyed by origin node; a missing origin costs 0.
+    ``loss_s`` as a mapping is keyed by the node that runs the loss (the origin, or the
+    last node with ``loss_at="last"``); a missing node costs 0.
     """
 
     forward_s: Mapping[str, float]
@@ -94,6 +98,7 @@ class PipelineSpec:
     loss_s: Mapping[str, float] | float = 0.0
     memory_limit: Mapping[str, int] | None = None
     tail_s: Mapping[str, float] | None = None
+    loss_at: Literal["origin", "last"] = "origin"
 
 
 class Event(NamedTuple):
@@ -236,7 +241,7 @@ class _Plan:
 
 
 def _chain(route: Route, index: dict[str, int], send_step: Callable[[str, str], _Step],
-           forward: list[float], ratio: float, loss: float) -> list[_Step]:
+           forward: list[float], ratio: float, loss: float, loss_at_origin: bool) -> list[_Step]:
     """The ordered steps of one microbatch (see the module docstring)."""
     nodes = route.nodes
     steps: list[_Step] = []
@@ -244,10 +249,11 @@ def _chain(route: Route, index: dict[str, int], send_step: Callable[[str, str], 
         if hop:
             steps.append(send_step(nodes[hop - 1], name))
         steps.append((_FORWARD, index[name], forward[index[name]], 0.0))
-    if len(nodes) > 1:
+    round_trip = loss_at_origin and len(nodes) > 1
+    if round_trip:
         steps.append(send_step(nodes[-1], nodes[0]))
-    steps.append((_LOSS, index[nodes[0]], loss, 0.0))
-    if len(nodes) > 1:
+    steps.append((_LOSS, index[nodes[0] if loss_at_origin else nodes[-1]], loss, 0.0))
+    if round_trip:
         steps.append(send_step(nodes[0], nodes[-1]))
     for hop in range(len(nodes) - 1, -1, -1):
         name = nodes[hop]
@@ -277,10 +283,11 @@ def _compile(spec: PipelineSpec) -> _Plan:
 
     steps = []
     ratio = float(spec.backward_ratio)
+    at_origin = spec.loss_at == "origin"
     for route in routes:
-        origin = route.nodes[0]
-        loss = spec.loss_s.get(origin, 0.0) if isinstance(spec.loss_s, Mapping) else spec.loss_s
-        steps.append(_chain(route, index, send_step, forward, ratio, float(loss)))
+        where = route.nodes[0] if at_origin else route.nodes[-1]
+        loss = spec.loss_s.get(where, 0.0) if isinstance(spec.loss_s, Mapping) else spec.loss_s
+        steps.append(_chain(route, index, send_step, forward, ratio, float(loss), at_origin))
     return _Plan(nodes, limits, pairs, steps, [r.microbatch for r in routes])
 
 

@@ -62,12 +62,13 @@ def test_datacentre_plan_keeps_data_parallel_groups_in_one_fabric(ib_roce: Topol
 def test_plan_respects_memory_and_covers_layers(ib_roce: Topology) -> None:
     decision = decide(ib_roce, load_model("llama-7b"), PlanOptions())
     plan = build_plan(decision)
-    assert sum(b - a for a, b in (s.layers for s in plan.stages)) == 32
+    for replica in plan.replicas:
+        assert sum(b - a for a, b in (plan.stage(s).layers for s in replica.stages)) == 32
     for device, needed in plan.estimates.memory_gb.items():
         host, name = device.split(":")
         has = next(d.memory_gb for d in ib_roce.host(host).devices if d.name == name)
         assert needed <= has
-    assert {len(p.route) for p in plan.paths} == {len(plan.stages)}
+    assert {len(p.route) for p in plan.paths} == {len(plan.replicas[0].stages)}
 
 
 def test_lab_uses_diloco_between_sites_over_a_slow_wan() -> None:

@@ -351,3 +351,18 @@ def test_random_routes_respect_every_invariant(spec: PipelineSpec):
     assert result.iteration_s == max(e.end for e in result.timeline)
     assert 0.0 <= result.bubble_fraction() <= 1.0
     assert simulate(spec) == result  # deterministic
+
+
+def test_loss_on_the_last_node_skips_the_round_trip() -> None:
+    # a -> b, forward 1 s each, backward 2 s each, loss 0.5 s on b, link 0.1 s + 1 MB / 10 MB/s.
+    # F_a 0-1, send 1-1.2, F_b 1.2-2.2, loss 2.2-2.7 on b, B_b 2.7-4.7, send 4.7-4.9,
+    # B_a 4.9-6.9: 6.9 s, one transfer each way (at the origin it would be 10.2 s + 2 more).
+    spec = PipelineSpec(
+        forward_s={"a": 1.0, "b": 1.0}, routes=[Route(0, ("a", "b"))],
+        activation_bytes=1e6, latency_s=lambda s, d: 0.1, bandwidth_Bps=lambda s, d: 1e7,
+        loss_s={"b": 0.5}, loss_at="last")
+    result = simulate(spec)
+    assert result.iteration_s == pytest.approx(6.9)
+    assert result.bytes_per_link == {("a", "b"): 1e6, ("b", "a"): 1e6}
+    assert [e.kind for e in result.timeline if e.node == "b" and e.kind != "send"] == [
+        "forward", "loss", "backward"]
