@@ -65,8 +65,9 @@ class HostSpec:
 
 # Effective (sustained, ~45-50% of dense peak) throughput for transformer training:
 # A100 bf16 peak 312 TFLOPS -> 150; V100 fp16 tensor-core peak 125 TFLOPS -> 60.
-A100 = GpuSpec("NVIDIA A100-SXM4-80GB", 80, 150)
-V100 = GpuSpec("Tesla V100-SXM2-32GB", 32, 60)
+# Memory in GB (10^9 bytes) as discovery reports it: an "80GB" card has 80 GiB = 85.9 GB.
+A100 = GpuSpec("NVIDIA A100-SXM4-80GB", 85.9, 150)
+V100 = GpuSpec("Tesla V100-SXM2-32GB", 34.4, 60)
 
 A100_IB_HDR = HostSpec(A100, 8, NicKind.INFINIBAND, 4, 200, 128, 1024)
 A100_ROCE = HostSpec(A100, 8, NicKind.ROCE, 4, 100, 128, 1024)
@@ -74,8 +75,8 @@ V100_IB_HDR100 = HostSpec(V100, 8, NicKind.INFINIBAND, 4, 100, 80, 512)
 
 DATACENTRE_ASSUMPTIONS = """\
 Assumptions (all examples made by examples/generate.py):
-  A100-class GPU: 80 GB, 150 TFLOPS effective bf16 (peak 312, ~48% sustained).
-  V100-class GPU: 32 GB, 60 TFLOPS effective fp16 (peak 125, ~48% sustained).
+  A100-class GPU: 80 GiB (85.9 GB), 150 TFLOPS effective bf16 (peak 312, ~48% sustained).
+  V100-class GPU: 32 GiB (34.4 GB), 60 TFLOPS effective fp16 (peak 125, ~48% sustained).
   InfiniBand hosts: 4 HCA ports mlx5_0..3 (netdev ib0..3); HDR 200 Gbit/s each
   (HDR100 100 Gbit/s on V100 hosts). RoCE hosts: 4 RoCE v2 ports at 100 Gbit/s
   (gid_index 3). Every host: eth0, 25 Gbit/s Ethernet.
@@ -221,7 +222,7 @@ scale-1024: 128 hosts x 8 A100 = 1024 GPUs in four fabrics of 32 hosts, one per 
 
 GEO12_NODES = 20
 GEO12_NIC_GBPS = 10.0
-GEO12_GPU = GpuSpec("GPU (SkipPipe model)", 80, None)
+GEO12_GPU = GpuSpec("GPU (SkipPipe model)", 85.9, None)
 
 
 def gib_s_to_gbps(gib_per_s: float) -> float:
@@ -306,7 +307,7 @@ Source: shared/reference/geo12-links.yaml, the region-to-region one-way latency 
 and bandwidth SkipPipe published; the NL-London figure is kept as published.
 Bandwidth conversion: GiB/s x 1024^3 x 8 / 1e9 = Gbit/s (6 significant digits).
 Same-region pairs: {same_ms:g} ms and {same_gib_s:g} GiB/s ({gib_s_to_gbps(same_gib_s)} Gbit/s).
-Each node: one GPU with 80 GB and no TFLOPS figure (SkipPipe's model gives measured
+Each node: one GPU with 80 GiB (85.9 GB) and no TFLOPS figure (SkipPipe's model gives measured
 seconds per layer per sample instead) and a {GEO12_NIC_GBPS:g} Gbit/s eth0.
 Every pair of nodes has a link ({len(links)} in all), measured: {{method: reference}}."""
     return topology("geo12", sites, hosts, links), header

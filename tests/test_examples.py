@@ -67,7 +67,7 @@ def test_gpu_classes_in_a100_v100() -> None:
         site: {(d.memory_gb, d.tflops) for h in topology.hosts if h.site == site for d in h.devices}
         for site in ("a100", "v100")
     }
-    assert by_site == {"a100": {(80, 150)}, "v100": {(32, 60)}}
+    assert by_site == {"a100": {(85.9, 150)}, "v100": {(34.4, 60)}}
     v100_ib = {n.speed_gbps for h in topology.hosts if h.site == "v100" for n in h.nics}
     assert v100_ib == {100, 25}
 
@@ -80,7 +80,7 @@ def test_geo12_nodes_and_links() -> None:
     assert topology.hosts[0].name == "n00-australia"
     assert topology.hosts[12].site == "australia"  # round-robin: node i in region i mod 12
     for host in topology.hosts:
-        assert [(d.kind, d.memory_gb, d.tflops) for d in host.devices] == [("gpu", 80, None)]
+        assert [(d.kind, d.memory_gb, d.tflops) for d in host.devices] == [("gpu", 85.9, None)]
         assert [(n.kind, n.speed_gbps) for n in host.nics] == [(ETH, 10)]
     assert all(link.measured and link.measured.method == "reference" for link in topology.links)
 
