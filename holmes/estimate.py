@@ -101,15 +101,37 @@ def in_flight_cap(stage: int, stages: int, microbatches: int, loss_at: str = "la
     return max(1, min(stages - stage + extra, microbatches))
 
 
-def microbatches_per_replica(config: ModelConfig, replicas: int) -> int:
-    return max(1, math.ceil(config.training.microbatches / replicas))
+def replica_microbatches(config: ModelConfig, layout: Layout, ctx: Context) -> list[int]:
+    """Each replica's share of the step's microbatches, in proportion to its speed (lanes
+    times its slowest device's TFLOPS), so a wide or fast replica is not left waiting on a
+    narrow or slow one; largest remainders get the rest. Every replica gets at least one."""
+    weights = [min(len(stage) for stage in replica) * _slowest_tflops(replica, ctx)
+               for replica in layout.replicas]
+    total = max(config.training.microbatches, len(weights))
+    exact = [total * w / sum(weights) for w in weights]
+    shares = [max(1, math.floor(x)) for x in exact]
+    by_remainder = sorted(range(len(weights)), key=lambda r: shares[r] - exact[r])
+    for r in by_remainder[: max(0, total - sum(shares))]:
+        shares[r] += 1
+    return shares
+
+
+def _slowest_tflops(replica: Stages, ctx: Context) -> float:
+    speeds = [ctx.tflops(d) for stage in replica for d in stage]
+    known = [t for t in speeds if t is not None]
+    return min(known) if len(known) == len(speeds) else 1.0
+
+
+def _first_ids(shares: list[int]) -> list[int]:
+    return [sum(shares[:r]) for r in range(len(shares))]
 
 
 def partition_for(layout: Layout, ctx: Context, equal: bool = False) -> Partition:
     """Layers per stage index (shared by all replicas), minimising the slowest stage."""
     model, training = ctx.config.model, ctx.config.training
-    lanes = min(len(stage) for stage in layout.replicas[0])
-    in_flight_of = microbatches_per_replica(ctx.config, len(layout.replicas)) // max(1, lanes)
+    in_flight_of = max(share // min(len(stage) for stage in replica)
+                       for share, replica in zip(replica_microbatches(ctx.config, layout, ctx),
+                                                 layout.replicas, strict=True))
     stage_costs = []
     for s in range(layout.stages):
         devices = [d for replica in layout.replicas for d in replica[s]]
@@ -164,9 +186,10 @@ def estimate(layout: Layout, partition: Partition, ctx: Context, sync: str,
     `routes` (per replica) default to full-pipeline routes; a plan's own routes may be
     given instead (skipping routes are simulated as they are, without lane sampling).
     """
-    per_replica = microbatches_per_replica(ctx.config, len(layout.replicas))
-    all_routes = routes or [routes_of(replica, per_replica, r * per_replica)
-                            for r, replica in enumerate(layout.replicas)]
+    shares = replica_microbatches(ctx.config, layout, ctx)
+    all_routes = routes or [routes_of(replica, share, first)
+                            for replica, share, first in zip(layout.replicas, shares,
+                                                             _first_ids(shares), strict=True)]
     results = []
     bytes_per_step: Counter[str] = Counter()
     for r, replica in enumerate(layout.replicas):
@@ -347,12 +370,12 @@ def _host_class(ctx: Context, a: str, b: str) -> str:
 
 def _memory_gb(layout: Layout, partition: Partition, ctx: Context) -> dict[str, float]:
     model, training = ctx.config.model, ctx.config.training
-    per_replica = microbatches_per_replica(ctx.config, len(layout.replicas))
     memory = {}
-    for replica in layout.replicas:
+    shares = replica_microbatches(ctx.config, layout, ctx)
+    for replica, share in zip(layout.replicas, shares, strict=True):
         lanes = len(replica[0]) if _lane_sampled(replica) else 1
         for s, stage in enumerate(replica):
-            in_flight = in_flight_cap(s, layout.stages, per_replica // lanes, layout.loss_at)
+            in_flight = in_flight_cap(s, layout.stages, share // lanes, layout.loss_at)
             used = costs.stage_memory(model, layers=partition.layers[s], microbatch=ctx.microbatch,
                                       in_flight=in_flight, holds_embedding=s == 0,
                                       holds_head=s == layout.head_stage,

@@ -67,7 +67,12 @@ def fabric_devices(topology: Topology, fabric: Fabric) -> list[str]:
 def datacentre_layouts(
     topology: Topology, fabrics: list[Fabric], network: Network, max_stages: int
 ) -> list[Layout]:
-    """Holmes layouts for one replica over all fabrics, and one replica per site."""
+    """Holmes layouts: one replica over all fabrics, one per site, and one per fabric.
+
+    For every pipeline depth, each replica takes the widest data-parallel degree that
+    still gives it that many stages (replicas may differ in width; a fabric too small for
+    the depth sits the layout out).
+    """
     groupings = [("one pipeline over all fabrics", [fabrics])]
     sites = sorted({f.site for f in fabrics if f.site is not None})
     if len(sites) > 1 and all(f.site is not None for f in fabrics):
@@ -75,16 +80,35 @@ def datacentre_layouts(
         groupings.append(("one replica per site", per_site))
     if len(fabrics) > 1 and len(fabrics) != len(sites):
         groupings.append(("one replica per fabric", [[f] for f in fabrics]))
-    layouts = []
+    layouts: dict[tuple, Layout] = {}
     for description, groups in groupings:
         ordered = [order_fabrics(topology, group, network) for group in groups]
-        for dp in _dp_degrees(topology, fabrics):
-            replicas = tuple(_stages_of(topology, group, dp) for group in ordered)
-            sizes = {len(r) for r in replicas}
-            if len(sizes) == 1 and 0 < sizes.pop() <= max_stages:
-                layouts.append(Layout("datacentre", replicas, f"{description}, {dp}-way data "
-                                      "parallel in each stage"))
-    return layouts
+        for depth in _depths(topology, fabrics, max_stages):
+            replicas = tuple(r for r in (_widest(topology, g, depth) for g in ordered) if r)
+            if replicas and (len(replicas) > 1 or len(groups) == 1):
+                widths = "/".join(str(len(r[0])) for r in replicas)
+                layouts.setdefault(replicas, Layout(
+                    "datacentre", replicas, f"{description}, {widths}-way data parallel in "
+                    "each stage"))
+    return list(layouts.values())
+
+
+def _depths(topology: Topology, fabrics: list[Fabric], max_stages: int) -> list[int]:
+    """Pipeline depths worth trying: every stage count some data-parallel degree gives."""
+    depths = {len(_stages_of(topology, [f], dp)) for f in fabrics
+              for dp in _dp_degrees(topology, fabrics)}
+    depths |= {sum(len(_stages_of(topology, [f], dp)) for f in fabrics)
+               for dp in _dp_degrees(topology, fabrics)}
+    return sorted(d for d in depths if 0 < d <= max_stages)
+
+
+def _widest(topology: Topology, fabrics: list[Fabric], depth: int) -> Stages:
+    """The first `depth` stages at the widest data-parallel degree that yields that many."""
+    for dp in sorted(_dp_degrees(topology, fabrics), reverse=True):
+        stages = _stages_of(topology, fabrics, dp)
+        if len(stages) >= depth:
+            return stages[:depth]
+    return ()
 
 
 def _dp_degrees(topology: Topology, fabrics: list[Fabric]) -> list[int]:
@@ -94,6 +118,7 @@ def _dp_degrees(topology: Topology, fabrics: list[Fabric]) -> list[int]:
 
 
 def _stages_of(topology: Topology, fabrics: list[Fabric], dp: int) -> Stages:
+    """Stages of `dp` consecutive devices, each inside one fabric, fabric after fabric."""
     stages = []
     for fabric in fabrics:
         devices = fabric_devices(topology, fabric)

@@ -64,13 +64,14 @@ def decide(topology: Topology, config: ModelConfig, options: PlanOptions) -> Dec
     context = Context(topology, fabrics, Network(topology, fabrics), config, options.diloco)
     regime = _regime(fabrics, options.regime)
     layouts = _layouts(regime, context, options)
+    layouts = [lay for lay in layouts if lay.stages <= config.model.layers] or layouts
     candidates, rejected, errors = [], [], []
     for layout in layouts:
         try:
             partition = partition_for(layout, context)
         except InputError as exc:
             rejected.append(f"{layout.description}: {exc.message}")
-            errors.append(exc)
+            errors.append((layout.stages, exc))
             continue
         for sync in _syncs(layout, options.sync):
             found = estimate(layout, partition, context, sync)
@@ -78,7 +79,8 @@ def decide(topology: Topology, config: ModelConfig, options: PlanOptions) -> Dec
             if regime == "geo":
                 candidates.append(refine_by_simulation(found, context, options.refine_rounds))
     if not candidates:
-        raise errors[-1] if errors else InputError("no layout fits the topology")
+        # The deepest pipeline spreads the model thinnest: its shortfall is the one to show.
+        raise max(errors, key=lambda e: e[0])[1] if errors else InputError("no layout fits")
     chosen = _best(candidates, options.sync)
     return Decision(chosen, candidates, regime, fabrics, context, rejected)
 
@@ -169,14 +171,15 @@ def _best(candidates: list[Estimate], wanted: Sync) -> Estimate:
 
 
 def naive_estimate(topology: Topology, config: ModelConfig, like: Estimate) -> Estimate:
-    """Megatron-style baseline with the plan's depth and width: ranks in host order,
-    pipeline outermost, equal layers, every link over Ethernet sockets (NIC kinds ignored)."""
+    """Megatron-style baseline on as many devices as `like` uses, with its depth and
+    replica count: ranks in host order, pipeline outermost, equal layers, equal
+    data-parallel width, every link over Ethernet sockets (NIC kinds ignored)."""
     fabrics = find_fabrics(topology)
     network = Network(topology, fabrics, socket_only=True)
     context = Context(topology, fabrics, network, config)
-    dp = len(like.layout.replicas[0][0])
-    replicas = len(like.layout.replicas)
-    layout = naive_layout(topology, like.layout.stages, dp, replicas)
+    replicas, stages = len(like.layout.replicas), like.layout.stages
+    dp = max(1, len(like.layout.devices()) // (stages * replicas))
+    layout = naive_layout(topology, stages, dp, replicas)
     partition = partition_for(layout, context, equal=True)
     sync = "allreduce" if replicas > 1 else "none"
     return estimate(layout, partition, context, sync)
