@@ -8,6 +8,8 @@ import subprocess
 
 import pytest
 
+from topology.lab_spec import LabSpec, parse_lab_spec
+
 
 def _namespaces_usable() -> str | None:
     if os.geteuid() != 0:
@@ -24,3 +26,16 @@ root = pytest.mark.skipif(_why_not is not None, reason=_why_not or "")
 
 def unique_name(tag: str) -> str:
     return f"t{tag}{os.getpid() % 100000}"
+
+
+def two_site_spec(name: str, site_mbit: float, wan_mbit: float) -> LabSpec:
+    """Sites a (hosts a1, a2) and b (host b1), joined by one WAN link."""
+    return parse_lab_spec({
+        "version": 1,
+        "name": name,
+        "sites": [
+            {"name": "a", "hosts": ["a1", "a2"], "rate_mbit": site_mbit},
+            {"name": "b", "hosts": ["b1"], "rate_mbit": site_mbit},
+        ],
+        "wan": [{"sites": ["a", "b"], "rate_mbit": wan_mbit}],
+    })

@@ -30,7 +30,7 @@ from topology.lab import (
 )
 from topology.lab_spec import LabSpec, builtin_lab_names, load_lab_spec, parse_lab_spec
 
-from lab_support import root, unique_name
+from lab_support import root, two_site_spec, unique_name
 
 # --------------------------------------------------------------------------------------
 # Spec validation (no root needed)
@@ -220,15 +220,7 @@ def transfer(state, src: str, dst: str, seconds: float, port: int = 5301) -> dic
 
 
 def small_spec(name: str) -> LabSpec:
-    return parse_lab_spec({
-        "version": 1,
-        "name": name,
-        "sites": [
-            {"name": "a", "hosts": ["a1", "a2"], "rate_mbit": INTRA_MBIT},
-            {"name": "b", "hosts": ["b1"], "rate_mbit": INTRA_MBIT},
-        ],
-        "wan": [{"sites": ["a", "b"], "rate_mbit": WAN_MBIT}],
-    })
+    return two_site_spec(name, INTRA_MBIT, WAN_MBIT)
 
 
 @pytest.fixture(scope="module")

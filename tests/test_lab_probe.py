@@ -10,11 +10,10 @@ import pytest
 
 from topology.lab import lab_down, lab_up
 from topology.lab_probe import lab_hosts_file, probe_lab
-from topology.lab_spec import parse_lab_spec
 from topology.probe import ProbeOptions
 from topology.schema import load_topology
 
-from lab_support import root, unique_name
+from lab_support import root, two_site_spec, unique_name
 
 WAN_MBIT = 40
 SITE_MBIT = 400
@@ -22,13 +21,7 @@ SITE_MBIT = 400
 
 @pytest.fixture(scope="module")
 def lab():
-    spec = parse_lab_spec({
-        "version": 1,
-        "name": unique_name("p"),
-        "sites": [{"name": "a", "hosts": ["a1", "a2"], "rate_mbit": SITE_MBIT},
-                  {"name": "b", "hosts": ["b1"], "rate_mbit": SITE_MBIT}],
-        "wan": [{"sites": ["a", "b"], "rate_mbit": WAN_MBIT}],
-    })
+    spec = two_site_spec(unique_name("p"), SITE_MBIT, WAN_MBIT)
     state = lab_up(spec)
     try:
         yield state
