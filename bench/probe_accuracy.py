@@ -76,8 +76,9 @@ def accuracy() -> bool:
     with with_lab("lab-3site", "bacc") as state:
         run = probe(state, ProbeOptions())
     print(f"probe took {run.seconds:.1f} s (exit {run.status})")
-    print(f"{'a':>3} {'b':>3} {'configured':>11} {'measured':>9} {'a->b':>8} {'b->a':>8} "
-          f"{'error':>7}")
+    print(
+        f"{'a':>3} {'b':>3} {'configured':>11} {'measured':>9} {'a->b':>8} {'b->a':>8} {'error':>7}"
+    )
     worst = 0.0
     for link in sorted(run.topology.links, key=lambda lk: (lk.a, lk.b)):
         want = configured_mbit(state.spec, link.a, link.b)
@@ -89,8 +90,10 @@ def accuracy() -> bool:
         error = got / want - 1
         worst = max(worst, abs(error))
         m = link.measured
-        print(f"{link.a:>3} {link.b:>3} {want:>11.0f} {got:>9.1f} {m.a_to_b_gbps * 1000:>8.1f} "
-              f"{m.b_to_a_gbps * 1000:>8.1f} {error:>+7.1%}")
+        print(
+            f"{link.a:>3} {link.b:>3} {want:>11.0f} {got:>9.1f} {m.a_to_b_gbps * 1000:>8.1f} "
+            f"{m.b_to_a_gbps * 1000:>8.1f} {error:>+7.1%}"
+        )
     ok = worst <= TOLERANCE
     print(f"worst error {worst:.1%} (target ±{TOLERANCE:.0%}): {'PASS' if ok else 'FAIL'}\n")
     return ok
@@ -106,18 +109,25 @@ def speed(skip_baseline: bool) -> bool:
     print(f"{'tournament':<12} {pairs:>5} {fast.seconds:>8.1f} {fast.status:>4}")
     if slow is not None:
         print(f"{'sequential':<12} {pairs:>5} {slow.seconds:>8.1f} {slow.status:>4}")
-        print(f"speed-up of the tournament over one pair at a time: "
-              f"{slow.seconds / fast.seconds:.2f}x")
+        print(
+            f"speed-up of the tournament over one pair at a time: "
+            f"{slow.seconds / fast.seconds:.2f}x"
+        )
     ok = fast.seconds < TIME_LIMIT_S and fast.status == 0
-    print(f"tournament probe {fast.seconds:.1f} s (target < {TIME_LIMIT_S:.0f} s, agent start-up "
-          f"included): {'PASS' if ok else 'FAIL'}")
+    print(
+        f"tournament probe {fast.seconds:.1f} s (target < {TIME_LIMIT_S:.0f} s, agent start-up "
+        f"included): {'PASS' if ok else 'FAIL'}"
+    )
     return ok
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--skip-baseline", action="store_true",
-                        help="leave out the sequential baseline (saves about a minute)")
+    parser.add_argument(
+        "--skip-baseline",
+        action="store_true",
+        help="leave out the sequential baseline (saves about a minute)",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench/probe_accuracy.py needs root (network namespaces)", file=sys.stderr)
