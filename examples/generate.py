@@ -4,8 +4,9 @@
 
 Every example is built from the project's own schema (`topology.schema`) and written with
 `save_topology`, one `<example>/topology.yaml` per folder under DIR (default: this
-folder). The output depends on nothing but this script and, for `geo12`, the reference
-file `shared/reference/geo12-links.yaml`, so running it twice gives identical bytes.
+folder). The output depends on nothing but this script and, for `geo12`, the published
+measurements in `examples/geo12/geo12-links.yaml` (a copy of the project's
+shared/reference/geo12-links.yaml), so running it twice gives identical bytes.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from topology.schema import (
 )
 
 EXAMPLES_DIR = Path(__file__).resolve().parent
-GEO12_REFERENCE = Path(__file__).resolve().parents[2] / "shared/reference/geo12-links.yaml"
+GEO12_REFERENCE = Path(__file__).resolve().parent / "geo12" / "geo12-links.yaml"
 
 GIB_PER_S_TO_GBIT_PER_S = 1024**3 * 8 / 1e9
 ETHERNET_GBPS = 25.0
@@ -234,7 +235,7 @@ def load_geo12_reference(path: Path = GEO12_REFERENCE) -> dict[str, Any]:
     if not path.is_file():
         raise SystemExit(
             f"error: {path} not found; geo12 is built from SkipPipe's published region "
-            "latencies and bandwidths (shared/reference/geo12-links.yaml next to the repo)"
+            "latencies and bandwidths (examples/geo12/geo12-links.yaml)"
         )
     return yaml.safe_load(path.read_text(encoding="utf-8"))
 
