@@ -1,0 +1,301 @@
+"""`DiLoCo`: (Streaming) DiLoCo around a model, an inner optimizer and a process group.
+
+Each replica trains alone; after every inner optimizer step the caller calls `step()`.
+On the schedule of `diloco.schedule` a fragment p starts an exchange: its pseudo-gradient
+Delta_p = theta_global_p - theta_local_p is averaged over replicas in the background
+(quantized, see `diloco.exchange`). `overlap_steps` inner steps later it is merged: the
+outer optimizer updates theta_global_p with the average, and the local parameters become
+alpha * theta_local + (1 - alpha) * theta_global. With fragments=1, overlap_steps=0,
+alpha=0 and quantization=None this is plain DiLoCo.
+
+    diloco = DiLoCo(model, inner_opt, sync_every=100, fragments=4, overlap_steps=2,
+                    alpha=0.5, quantization="fp4")
+    for step, batch in enumerate(data):
+        loss(model, batch).backward(); inner_opt.step(); inner_opt.zero_grad()
+        diloco.step()
+    diloco.finish()
+
+The global parameters, the outer momentum, the step and (for an exact restart) the local
+model and inner optimizer live in `state_dict()`; it can be taken whenever no exchange is
+in flight (`quiescent`). A replica that dies or hangs makes the others raise
+`ReplicaFailure` within `timeout_s` of waiting; continuing with the survivors in-process is
+not supported, restarting all (or fewer) replicas from the last checkpoint is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from diloco.accounting import ByteLedger, CountingComm, SyncRecord
+from diloco.config import DiLoCoConfig
+from diloco.exchange import ExchangeWorker, ReplicaFailure, average_across_replicas, wait_for
+from diloco.fragments import Fragment, fragments_from_modules, split_fragments
+from diloco.outer import OuterSGD, pseudo_gradient
+from diloco.quantize import make_codec
+from diloco.schedule import SyncSchedule
+
+STATE_FORMAT = "hetsched.diloco/1"
+
+
+@dataclass
+class _Exchange:
+    """An exchange in flight: its result, and where it came from."""
+
+    fragment: int
+    start_step: int
+    result: Any  # Future[torch.Tensor]
+    record: SyncRecord
+    residual: torch.Tensor | None = None
+
+
+class DiLoCo:
+    """Streaming DiLoCo for one replica. See the module docstring."""
+
+    def __init__(
+        self,
+        model: nn.Module | Sequence[nn.Module],
+        inner_optimizer: torch.optim.Optimizer | None = None,
+        group: dist.ProcessGroup | None = None,
+        config: DiLoCoConfig | None = None,
+        *,
+        layers: Sequence[nn.Module] | None = None,
+        **options: Any,
+    ) -> None:
+        """`model` is a module (split by layer) or a list of modules (explicit fragments).
+
+        Give either `config` or its fields as keyword `options`; `layers` names the layers
+        to split by (default: the model's largest `nn.ModuleList`).
+        """
+        if config is not None and options:
+            raise TypeError("give either config=DiLoCoConfig(...) or keyword options, not both")
+        self.config = config if config is not None else DiLoCoConfig(**options)
+        self.modules, self.fragments = _make_fragments(model, self.config, layers)
+        self.inner_optimizer = inner_optimizer
+        self.comm = CountingComm(group)
+        self.schedule = SyncSchedule(
+            self.config.sync_every, self.config.fragments, self.config.overlap_steps
+        )
+        self.codec = make_codec(self.config.quantization, self.config.quant_block)
+        self.outer = OuterSGD(
+            self.config.outer_lr,
+            self.config.outer_momentum,
+            self.config.nesterov,
+            len(self.fragments),
+        )
+        self.ledger = ByteLedger()
+        self._worker = ExchangeWorker()
+        self._in_flight: dict[int, _Exchange] = {}
+        self._failure: ReplicaFailure | None = None
+        self._closed = False
+        self._step = 0
+        if self.config.broadcast_initial and self.comm.world_size > 1:
+            self._broadcast_parameters()
+        self._global = [_flatten(f.params) for f in self.fragments]
+        self._residual: list[torch.Tensor | None] = [None] * len(self.fragments)
+
+    # ---- the training loop --------------------------------------------------------------
+
+    @property
+    def inner_steps(self) -> int:
+        """Inner steps completed (the number of `step()` calls, plus a loaded checkpoint's)."""
+        return self._step
+
+    @property
+    def quiescent(self) -> bool:
+        """No exchange in flight: `state_dict()` may be taken now."""
+        return not self._in_flight
+
+    def step(self) -> list[int]:
+        """Call after each inner optimizer step; returns the fragments merged in this call."""
+        self._raise_if_failed()
+        self._step += 1
+        for fragment in self.schedule.starting(self._step):
+            self._start(fragment)
+        merged = [p for p in self.schedule.merging(self._step) if p in self._in_flight]
+        for fragment in merged:
+            self._merge(fragment)
+        return merged
+
+    def finish(self) -> list[int]:
+        """Wait for and merge every exchange in flight (e.g. at the end of training)."""
+        self._raise_if_failed()
+        pending = sorted(self._in_flight.values(), key=lambda e: e.start_step)
+        for exchange in pending:
+            self._merge(exchange.fragment)
+        return [e.fragment for e in pending]
+
+    def __enter__(self) -> DiLoCo:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the exchange thread once the work already queued is done (waits up to 10 s)."""
+        self._closed = True
+        self._worker.close()
+
+    # ---- views ------------------------------------------------------------------------
+
+    def global_parameters(self) -> dict[str, torch.Tensor]:
+        """Name -> fp32 copy of the global parameters (identical on every replica)."""
+        out: dict[str, torch.Tensor] = {}
+        for fragment, flat in zip(self.fragments, self._global, strict=True):
+            views = _views(flat, fragment.params)
+            out.update({n: v.clone() for n, v in zip(fragment.names, views, strict=True)})
+        return out
+
+    # ---- state --------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a replica needs to continue exactly: outer state, model, inner optimizer."""
+        if not self.quiescent:
+            raise RuntimeError(
+                f"state_dict() at inner step {self._step} with exchanges of fragments "
+                f"{sorted(self._in_flight)} in flight; take it when `quiescent` is True"
+            )
+        return {
+            "format": STATE_FORMAT,
+            "config": self.config.to_dict(),
+            "step": self._step,
+            "world_size": self.comm.world_size,
+            "fragment_names": [list(f.names) for f in self.fragments],
+            "global": [flat.clone() for flat in self._global],
+            "outer": self.outer.state_dict(),
+            "residual": [None if r is None else r.clone() for r in self._residual],
+            "modules": [m.state_dict() for m in self.modules],
+            "inner_optimizer": (
+                self.inner_optimizer.state_dict() if self.inner_optimizer is not None else None
+            ),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()` output; the world size may differ, the fragments may not."""
+        _check_compatible(state, self)
+        if not self.quiescent:
+            raise RuntimeError("load_state_dict() with exchanges in flight")
+        with torch.no_grad():
+            for flat, saved in zip(self._global, state["global"], strict=True):
+                flat.copy_(saved)
+        self.outer.load_state_dict(state["outer"])
+        self.outer.buffers = [
+            None if b is None else b.to(flat.device)
+            for b, flat in zip(self.outer.buffers, self._global, strict=True)
+        ]
+        self._residual = [
+            None if r is None else r.to(flat.device).clone()
+            for r, flat in zip(state.get("residual") or self._residual, self._global, strict=True)
+        ]
+        for module, saved in zip(self.modules, state["modules"], strict=True):
+            module.load_state_dict(saved)
+        if self.inner_optimizer is not None and state["inner_optimizer"] is not None:
+            self.inner_optimizer.load_state_dict(state["inner_optimizer"])
+        self._step = int(state["step"])
+
+    # ---- internals ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _start(self, index: int) -> None:
+        fragment = self.fragments[index]
+        delta = pseudo_gradient(self._global[index], _flatten(fragment.params))
+        residual = None
+        if self.config.error_feedback:
+            if self._residual[index] is not None:
+                delta += self._residual[index]
+            residual = torch.empty_like(delta)
+        if delta.is_cuda:  # the exchange thread reads delta: finish writing it first
+            torch.cuda.current_stream(delta.device).synchronize()
+        record = self.ledger.open("sync", index, self._step)
+        work = partial(average_across_replicas, delta, self.codec, self.comm, record, residual)
+        result = self._worker.submit(work)
+        self._in_flight[index] = _Exchange(index, self._step, result, record, residual)
+
+    @torch.no_grad()
+    def _merge(self, index: int) -> None:
+        exchange = self._in_flight.pop(index)
+        what = f"exchange of fragment {index} started after inner step {exchange.start_step}"
+        average = self._wait(exchange.result, what)
+        if exchange.residual is not None:
+            self._residual[index] = exchange.residual
+        self.outer.step(index, self._global[index], average)
+        alpha = self.config.alpha
+        fragment = self.fragments[index]
+        for param, global_view in zip(
+            fragment.params, _views(self._global[index], fragment.params), strict=True
+        ):
+            merged = global_view if alpha == 0 else torch.lerp(global_view, param.float(), alpha)
+            param.copy_(merged)
+
+    @torch.no_grad()
+    def _broadcast_parameters(self) -> None:
+        for fragment in self.fragments:
+            record = self.ledger.open("broadcast", fragment.index, 0)
+            work = partial(_broadcast, self.comm, _flatten(fragment.params), record)
+            flat = self._wait(self._worker.submit(work), "initial broadcast of the parameters")
+            for param, view in zip(fragment.params, _views(flat, fragment.params), strict=True):
+                param.copy_(view)
+
+    def _wait(self, result: Any, what: str) -> torch.Tensor:
+        try:
+            return wait_for(result, self.config.timeout_s, what, self.comm.world_size)
+        except ReplicaFailure as failure:
+            self._failure = failure
+            raise
+
+    def _raise_if_failed(self) -> None:
+        if self._closed:
+            raise RuntimeError("this DiLoCo was closed")
+        if self._failure is not None:
+            raise ReplicaFailure(f"an earlier exchange failed: {self._failure}")
+
+
+def _make_fragments(
+    model: nn.Module | Sequence[nn.Module],
+    config: DiLoCoConfig,
+    layers: Sequence[nn.Module] | None,
+) -> tuple[list[nn.Module], list[Fragment]]:
+    if isinstance(model, nn.Module):
+        return [model], split_fragments(model, config.fragments, config.pattern, layers)
+    modules = list(model)
+    if len(modules) != config.fragments:
+        raise ValueError(
+            f"{len(modules)} explicit fragments given but config.fragments={config.fragments}"
+        )
+    return modules, fragments_from_modules(modules)
+
+
+def _check_compatible(state: dict[str, Any], diloco: DiLoCo) -> None:
+    if state.get("format") != STATE_FORMAT:
+        raise ValueError(f"not a DiLoCo state (format {state.get('format')!r})")
+    names = [list(f.names) for f in diloco.fragments]
+    if state["fragment_names"] != names:
+        raise ValueError("the checkpoint's fragments (parameter names per fragment) differ")
+    saved = state["config"]
+    for key in ("sync_every", "fragments", "pattern", "overlap_steps"):
+        if saved[key] != getattr(diloco.config, key):
+            raise ValueError(
+                f"checkpoint has {key}={saved[key]!r}, this DiLoCo {getattr(diloco.config, key)!r}"
+            )
+
+
+def _broadcast(comm: CountingComm, flat: torch.Tensor, record: SyncRecord) -> torch.Tensor:
+    comm.broadcast(flat, record)
+    return flat
+
+
+def _flatten(params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One new fp32 vector holding `params` in order."""
+    return torch.cat([p.detach().reshape(-1).float() for p in params])
+
+
+def _views(flat: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of `flat` shaped like `params`, in order."""
+    sizes = [p.numel() for p in params]
+    return [v.view(p.shape) for v, p in zip(flat.split(sizes), params, strict=True)]
