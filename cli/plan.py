@@ -96,11 +96,11 @@ def show(plan_file: Path, topology_file: Path | None, gantt: Path | None, as_jso
     console.print(_load_table(the_plan))
     console.print(_memory_table(the_plan, topology))
     if gantt is not None:
-        _draw(the_plan, plan_file, topology, gantt)
+        _draw(the_plan, topology, gantt)
         console.print(f"wrote {gantt}")
 
 
-def _draw(the_plan: Plan, plan_file: Path, topology, gantt: Path) -> None:  # noqa: ANN001
+def _draw(the_plan: Plan, topology, gantt: Path) -> None:  # noqa: ANN001
     from cli.gantt import draw_gantt
 
     if gantt.suffix not in (".png", ".svg"):

@@ -15,6 +15,7 @@ by the lanes that cross it. The head and loss run where the layout says (`loss_a
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -219,7 +220,7 @@ def _spec(layout: Layout, replica: Stages, partition: Partition, ctx: Context,
           routes: list[Route], lanes: int) -> PipelineSpec:
     model, training = ctx.config.model, ctx.config.training
     forward, tails, limits = {}, {}, {}
-    share = _lane_share(replica, routes) if lanes > 1 else Counter()
+    share = _lane_share(replica, layout.loss_at) if lanes > 1 else Counter()
     used = {d for route in routes for d in route.nodes}
     for s, stage in enumerate(replica):
         allreduce = _stage_allreduce_s(stage, partition.layers[s], _holds(layout, s), ctx)
@@ -246,15 +247,16 @@ def _spec(layout: Layout, replica: Stages, partition: Partition, ctx: Context,
         memory_limit=limits, tail_s=tails, loss_at=layout.loss_at)
 
 
-def _lane_share(replica: Stages, routes: list[Route]) -> Counter[frozenset[str]]:
-    """How many lanes cross each host pair (a lane's hops include the return to its origin)."""
-    lanes = len(replica[0])
+def _lane_share(replica: Stages, loss_at: str) -> Counter[frozenset[str]]:
+    """How many lanes cross each host pair (with the loss at the origin, a lane's hops
+    include the return from its last stage to its first)."""
     share: Counter[frozenset[str]] = Counter()
-    for j in range(lanes):
+    for j in range(len(replica[0])):
         hosts = [host_of(stage[j]) for stage in replica]
-        pairs = {frozenset(p) for p in zip(hosts, [*hosts[1:], hosts[0]], strict=True)
-                 if p[0] != p[1]}
-        share.update(pairs)
+        hops = list(itertools.pairwise(hosts))
+        if loss_at == "origin":
+            hops.append((hosts[-1], hosts[0]))
+        share.update({frozenset(hop) for hop in hops if hop[0] != hop[1]})
     return share
 
 

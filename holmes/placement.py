@@ -82,7 +82,7 @@ def datacentre_layouts(
         groupings.append(("one replica per fabric", [[f] for f in fabrics]))
     layouts: dict[tuple, Layout] = {}
     for description, groups in groupings:
-        ordered = [order_fabrics(topology, group, network) for group in groups]
+        ordered = [order_fabrics(group, network) for group in groups]
         for depth in _depths(topology, fabrics, max_stages):
             replicas = tuple(r for r in (_widest(topology, g, depth) for g in ordered) if r)
             if replicas and (len(replicas) > 1 or len(groups) == 1):
@@ -126,7 +126,7 @@ def _stages_of(topology: Topology, fabrics: list[Fabric], dp: int) -> Stages:
     return tuple(stages)
 
 
-def order_fabrics(topology: Topology, fabrics: list[Fabric], network: Network) -> list[Fabric]:
+def order_fabrics(fabrics: list[Fabric], network: Network) -> list[Fabric]:
     """The fabric order whose consecutive fabrics are joined by the fastest links."""
     if len(fabrics) <= 1:
         return list(fabrics)
