@@ -103,17 +103,19 @@ def in_flight_cap(stage: int, stages: int, microbatches: int, loss_at: str = "la
 
 
 def replica_microbatches(config: ModelConfig, layout: Layout, ctx: Context) -> list[int]:
-    """Each replica's share of the step's microbatches, in proportion to its speed (lanes
-    times its slowest device's TFLOPS), so a wide or fast replica is not left waiting on a
-    narrow or slow one; largest remainders get the rest. Every replica gets at least one."""
-    weights = [min(len(stage) for stage in replica) * _slowest_tflops(replica, ctx)
-               for replica in layout.replicas]
-    total = max(config.training.microbatches, len(weights))
-    exact = [total * w / sum(weights) for w in weights]
-    shares = [max(1, math.floor(x)) for x in exact]
-    by_remainder = sorted(range(len(weights)), key=lambda r: shares[r] - exact[r])
-    for r in by_remainder[: max(0, total - sum(shares))]:
-        shares[r] += 1
+    """Each replica's share of the step's microbatches. A replica's time grows with
+    ceil(share / lanes) / speed (speed: its slowest device's TFLOPS); microbatches are
+    handed out one at a time to the replica that would finish it soonest, which balances
+    whole microbatches per lane, not just fractions. Every replica gets at least one."""
+    lanes = [min(len(stage) for stage in replica) for replica in layout.replicas]
+    speeds = [_slowest_tflops(replica, ctx) for replica in layout.replicas]
+    shares = [1] * len(lanes)
+
+    def finish(r: int) -> tuple[float, int]:
+        return math.ceil((shares[r] + 1) / lanes[r]) / speeds[r], r
+
+    for _ in range(max(0, config.training.microbatches - len(shares))):
+        shares[min(range(len(shares)), key=finish)] += 1
     return shares
 
 
