@@ -1,16 +1,37 @@
-"""The `hetsched` click group: registers each sub-command group from its own module."""
+"""The `hetsched` click group. Sub-commands are imported when used, so `hetsched plan`
+does not pay for the lab's or the probe's imports."""
 
 from __future__ import annotations
 
+import importlib
+
 import click
 
-from cli.demo import demo
-from cli.lab import lab
-from cli.plan import plan, show, simulate
-from cli.probe import probe
+# command name -> (module, attribute)
+COMMANDS = {
+    "demo": ("cli.demo", "demo"),
+    "lab": ("cli.lab", "lab"),
+    "plan": ("cli.plan", "plan"),
+    "probe": ("cli.probe", "probe"),
+    "show": ("cli.plan", "show"),
+    "simulate": ("cli.plan", "simulate"),
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """A click group whose sub-commands live in COMMANDS and load on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return None
+        module, attribute = COMMANDS[cmd_name]
+        return getattr(importlib.import_module(module), attribute)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="hetsched")
 def cli() -> None:
     """hetsched: plan and run LLM training across clusters whose networks differ.
@@ -25,14 +46,6 @@ def cli() -> None:
       hetsched show plan.yaml --gantt plan.png         review before any GPU hour
       hetsched simulate plan.yaml --baseline naive     predicted speed vs Megatron order
     """
-
-
-cli.add_command(probe)
-cli.add_command(lab)
-cli.add_command(demo)
-cli.add_command(plan)
-cli.add_command(show)
-cli.add_command(simulate)
 
 
 def main() -> None:
