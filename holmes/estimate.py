@@ -9,7 +9,7 @@ streaming DiLoCo (amortised: only the part of each fragment's exchange that does
 in its overlap window stalls training).
 
 When every stage of a replica has the same number of devices, the replica is a set of
-identical lanes and only lane 0 is simulated; each host pair's bandwidth is then shared
+lanes and only its slowest lane is simulated; each host pair's bandwidth is then shared
 by the lanes that cross it. The head and loss run where the layout says (`loss_at`).
 """
 
@@ -178,6 +178,17 @@ def routes_of(replica: Stages, microbatches: int, first_id: int = 0) -> list[Rou
             for m in range(microbatches)]
 
 
+def _slowest_lane(replica: Stages, ctx: Context, lanes: int) -> int:
+    """The lane to simulate for all: the one whose slowest device is slowest."""
+    if lanes == 1:
+        return 0
+
+    def speed(j: int) -> float:
+        return min(ctx.tflops(stage[j]) or math.inf for stage in replica)
+
+    return min(range(lanes), key=speed)
+
+
 def _lane_sampled(replica: Stages) -> bool:
     return len({len(stage) for stage in replica}) == 1 and len(replica[0]) > 1
 
@@ -199,7 +210,7 @@ def estimate(layout: Layout, partition: Partition, ctx: Context, sync: str,
         routes = all_routes[r]
         full = all(len(rt.nodes) == len(replica) for rt in routes)
         lanes = len(replica[0]) if full and _lane_sampled(replica) else 1
-        simulated = routes[::lanes]
+        simulated = routes[_slowest_lane(replica, ctx, lanes)::lanes]
         spec = _spec(layout, replica, partition, ctx, simulated, lanes)
         result = simulate(spec, record_timeline=timeline and r == 0)
         results.append(result)
