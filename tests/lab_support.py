@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
+from topology.lab import LabState, lab_down, lab_up
 from topology.lab_spec import LabSpec, parse_lab_spec
 
 
@@ -39,3 +42,13 @@ def two_site_spec(name: str, site_mbit: float, wan_mbit: float) -> LabSpec:
         ],
         "wan": [{"sites": ["a", "b"], "rate_mbit": wan_mbit}],
     })
+
+
+@contextmanager
+def running(spec: LabSpec) -> Iterator[LabState]:
+    """The lab of `spec`, up for the block and always taken down after it."""
+    state = lab_up(spec)
+    try:
+        yield state
+    finally:
+        lab_down(spec.name)

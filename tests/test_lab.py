@@ -30,7 +30,7 @@ from topology.lab import (
 )
 from topology.lab_spec import LabSpec, builtin_lab_names, load_lab_spec, parse_lab_spec
 
-from lab_support import root, two_site_spec, unique_name
+from lab_support import root, running, two_site_spec, unique_name
 
 # --------------------------------------------------------------------------------------
 # Spec validation (no root needed)
@@ -225,12 +225,8 @@ def small_spec(name: str) -> LabSpec:
 
 @pytest.fixture(scope="module")
 def running_lab():
-    spec = small_spec(unique_name("u"))
-    state = lab_up(spec)
-    try:
+    with running(small_spec(unique_name("u"))) as state:
         yield state
-    finally:
-        lab_down(spec.name)
 
 
 @pytest.mark.root

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from topology.lab import lab_down, lab_up
 from topology.lab_probe import lab_hosts_file, probe_lab
 from topology.probe import ProbeOptions
 from topology.schema import load_topology
 
-from lab_support import root, two_site_spec, unique_name
+from lab_support import root, running, two_site_spec, unique_name
 
 WAN_MBIT = 40
 SITE_MBIT = 400
@@ -21,12 +20,8 @@ SITE_MBIT = 400
 
 @pytest.fixture(scope="module")
 def lab():
-    spec = two_site_spec(unique_name("p"), SITE_MBIT, WAN_MBIT)
-    state = lab_up(spec)
-    try:
+    with running(two_site_spec(unique_name("p"), SITE_MBIT, WAN_MBIT)) as state:
         yield state
-    finally:
-        lab_down(spec.name)
 
 
 @pytest.mark.root
