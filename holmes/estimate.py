@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from holmes import costs
@@ -194,11 +195,14 @@ def _lane_sampled(replica: Stages) -> bool:
 
 
 def estimate(layout: Layout, partition: Partition, ctx: Context, sync: str,
-             routes: list[list[Route]] | None = None, timeline: bool = True) -> Estimate:
+             routes: list[list[Route]] | None = None, timeline: bool = True,
+             in_flight: Mapping[str, int] | None = None) -> Estimate:
     """Simulate every replica with `partition` and add the sync between replicas.
 
     `routes` (per replica) default to full-pipeline routes; a plan's own routes may be
     given instead (skipping routes are simulated as they are, without lane sampling).
+    `in_flight` caps the microbatches each device holds at once (default: 1F1B's
+    `in_flight_cap`); the memory estimate follows it.
     """
     shares = replica_microbatches(ctx.config, layout, ctx)
     all_routes = routes or [routes_of(replica, share, first)
@@ -211,7 +215,7 @@ def estimate(layout: Layout, partition: Partition, ctx: Context, sync: str,
         full = all(len(rt.nodes) == len(replica) for rt in routes)
         lanes = len(replica[0]) if full and _lane_sampled(replica) else 1
         simulated = routes[_slowest_lane(replica, ctx, lanes)::lanes]
-        spec = _spec(layout, replica, partition, ctx, simulated, lanes)
+        spec = _spec(layout, replica, partition, ctx, simulated, lanes, in_flight)
         result = simulate(spec, record_timeline=timeline and r == 0)
         results.append(result)
         for (a, b), nbytes in result.bytes_per_link.items():
@@ -225,12 +229,25 @@ def estimate(layout: Layout, partition: Partition, ctx: Context, sync: str,
         layout=layout, partition=partition, sync=sync, iteration_s=iteration_s,
         sync_s_per_step=sync_s, tokens_per_s=tokens / step_s if step_s > 0 else 0.0,
         bubble_fraction=max(r.bubble_fraction() for r in results),
-        bytes_per_step=dict(bytes_per_step), memory_gb=_memory_gb(layout, partition, ctx),
+        bytes_per_step=dict(bytes_per_step), memory_gb=_memory_gb(layout, partition, ctx,
+                                                                   in_flight),
         routes=all_routes, simulation=results[0], notes=notes)
 
 
+def full_pipeline_specs(est: Estimate, ctx: Context,
+                        in_flight: Mapping[str, int] | None = None) -> list[PipelineSpec]:
+    """Per replica of `est`, the simulator's input for its full-pipeline routes over every
+    device (no lane sampling): the starting point of a path scheduler."""
+    shares = replica_microbatches(ctx.config, est.layout, ctx)
+    return [_spec(est.layout, replica, est.partition, ctx, routes_of(replica, share, first), 1,
+                  in_flight)
+            for replica, share, first in zip(est.layout.replicas, shares, _first_ids(shares),
+                                             strict=True)]
+
+
 def _spec(layout: Layout, replica: Stages, partition: Partition, ctx: Context,
-          routes: list[Route], lanes: int) -> PipelineSpec:
+          routes: list[Route], lanes: int,
+          in_flight: Mapping[str, int] | None = None) -> PipelineSpec:
     model, training = ctx.config.model, ctx.config.training
     forward, tails, limits = {}, {}, {}
     share = _lane_share(replica, layout.loss_at) if lanes > 1 else Counter()
@@ -241,7 +258,8 @@ def _spec(layout: Layout, replica: Stages, partition: Partition, ctx: Context,
             forward[device] = (partition.layers[s] * ctx.microbatch
                                * costs.layer_forward_seconds(model, ctx.tflops(device)))
             tails[device] = allreduce
-            limits[device] = in_flight_cap(s, len(replica), len(routes), layout.loss_at)
+            limits[device] = (in_flight or {}).get(device) or in_flight_cap(
+                s, len(replica), len(routes), layout.loss_at)
     ratio = costs.train_time_factor(training.recompute) - 1.0
     loss = {d: costs.head_train_seconds(model, ctx.microbatch, ctx.tflops(d))
             for d in replica[layout.head_stage] if d in used}
@@ -383,19 +401,43 @@ def _host_class(ctx: Context, a: str, b: str) -> str:
     return "inter_site"
 
 
-def _memory_gb(layout: Layout, partition: Partition, ctx: Context) -> dict[str, float]:
-    model, training = ctx.config.model, ctx.config.training
+def _memory_gb(layout: Layout, partition: Partition, ctx: Context,
+               in_flight: Mapping[str, int] | None = None) -> dict[str, float]:
     memory = {}
     shares = replica_microbatches(ctx.config, layout, ctx)
     for replica, share in zip(layout.replicas, shares, strict=True):
         lanes = len(replica[0]) if _lane_sampled(replica) else 1
         for s, stage in enumerate(replica):
-            in_flight = in_flight_cap(s, layout.stages, share // lanes, layout.loss_at)
-            used = costs.stage_memory(model, layers=partition.layers[s], microbatch=ctx.microbatch,
-                                      in_flight=in_flight, holds_embedding=s == 0,
-                                      holds_head=s == layout.head_stage,
-                                      recompute=training.recompute,
-                                      optimizer_shards=len(stage)).total
             for device in stage:
+                held = (in_flight or {}).get(device) or in_flight_cap(
+                    s, layout.stages, share // lanes, layout.loss_at)
+                used = _device_memory(layout, partition, ctx, s, held)
                 memory[device] = round(used / costs.GB, 3)
     return memory
+
+
+def _device_memory(layout: Layout, partition: Partition, ctx: Context, stage: int,
+                   in_flight: int) -> float:
+    """Bytes a device of `stage` uses holding `in_flight` microbatches."""
+    return costs.stage_memory(
+        ctx.config.model, layers=partition.layers[stage], microbatch=ctx.microbatch,
+        in_flight=in_flight, holds_embedding=stage == 0,
+        holds_head=stage == layout.head_stage, recompute=ctx.config.training.recompute,
+        optimizer_shards=min(len(replica[stage]) for replica in layout.replicas)).total
+
+
+def memory_in_flight(layout: Layout, partition: Partition, ctx: Context) -> dict[str, int]:
+    """Per device, the most microbatches whose activations fit in its memory beside its
+    weights, gradients and optimizer state (at least 1, at most its replica's share).
+    Skip routes are not lock-step like 1F1B, so they get what memory allows."""
+    caps = {}
+    shares = replica_microbatches(ctx.config, layout, ctx)
+    for replica, share in zip(layout.replicas, shares, strict=True):
+        for s, stage in enumerate(replica):
+            fixed = _device_memory(layout, partition, ctx, s, 0)
+            per = _device_memory(layout, partition, ctx, s, 1) - fixed
+            for device in stage:
+                room = ctx.memory_bytes(device) - fixed
+                fits = int(room // per) if per > 0 else share
+                caps[device] = max(1, min(share, fits))
+    return caps

@@ -1,0 +1,78 @@
+"""Skip/reorder paths for a planned layout: from an `Estimate` to SkipPipe routes.
+
+This module owns the bridge between the planner and `skippipe.paths`: it turns one
+replica of an estimate (its devices, layer split, links, memory caps and all-reduce
+tails) into a plain `PathProblem`, schedules collision-aware routes for every replica,
+and re-estimates the layout with those routes. Skipping needs the head and loss at the
+origin (a partial route ends where it began), so a layout with the head on its last
+stage is moved to `loss_at="origin"` and its layers are split again first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from holmes.estimate import (
+    Context,
+    Estimate,
+    estimate,
+    full_pipeline_specs,
+    memory_in_flight,
+    partition_for,
+)
+from skippipe.paths import PathProblem, PathSchedule, schedule_paths
+
+DEFAULT_MAX_SWAPS = 2
+
+
+@dataclass(frozen=True)
+class SkipChoice:
+    """The user's skipping request: ratio k in [0, 1), swaps, search seed and effort."""
+
+    ratio: float = 0.0
+    max_swaps: int = DEFAULT_MAX_SWAPS
+    seed: int = 0
+    iterations: int = 1500
+
+
+def with_origin_loss(est: Estimate, ctx: Context) -> Estimate:
+    """`est` with the head at the origin (re-partitioned and re-estimated if needed)."""
+    if est.layout.loss_at == "origin":
+        return est
+    layout = replace(est.layout, loss_at="origin",
+                     description=f"{est.layout.description}, head at the origin")
+    return estimate(layout, partition_for(layout, ctx), ctx, est.sync)
+
+
+def path_problems(est: Estimate, ctx: Context, choice: SkipChoice) -> list[PathProblem]:
+    """One `PathProblem` per replica of `est` (whose loss must be at the origin); each
+    device may hold as many microbatches as its memory allows (`memory_in_flight`)."""
+    problems = []
+    caps = memory_in_flight(est.layout, est.partition, ctx)
+    specs = full_pipeline_specs(est, ctx, caps)
+    for stages, spec in zip(est.layout.replicas, specs, strict=True):
+        origins = {d: [r.microbatch for r in spec.routes if r.nodes[0] == d]
+                   for d in stages[0]}
+        problems.append(PathProblem(
+            stages=stages, microbatches={d: ids for d, ids in origins.items() if ids},
+            forward_s=spec.forward_s, activation_bytes=spec.activation_bytes,
+            latency_s=spec.latency_s, bandwidth_Bps=spec.bandwidth_Bps,
+            skip_ratio=choice.ratio, max_swaps=choice.max_swaps,
+            memory_limit=spec.memory_limit, backward_ratio=spec.backward_ratio,
+            loss_s=spec.loss_s, tail_s=spec.tail_s))
+    return problems
+
+
+def skip_estimate(est: Estimate, ctx: Context, choice: SkipChoice
+                  ) -> tuple[Estimate, list[PathSchedule]]:
+    """`est` re-estimated with collision-aware skip routes in every replica."""
+    base = with_origin_loss(est, ctx)
+    schedules = [schedule_paths(problem, seed=choice.seed, iterations=choice.iterations)
+                 for problem in path_problems(base, ctx, choice)]
+    routes = [schedule.routes for schedule in schedules]
+    description = (f"{base.layout.description}; skip ratio {choice.ratio:g}, "
+                   f"at most {choice.max_swaps} swaps")
+    layout = replace(base.layout, description=description)
+    caps = memory_in_flight(base.layout, base.partition, ctx)
+    return estimate(layout, base.partition, ctx, base.sync, routes=routes,
+                    in_flight=caps), schedules
