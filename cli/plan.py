@@ -17,6 +17,7 @@ from holmes.plan import Plan, load_plan, save_plan
 from holmes.plan_build import build_plan, summary
 from holmes.planner import PlanOptions, decide, naive_estimate
 from holmes.review import estimate_plan, plan_model, plan_topology
+from holmes.skipping import DEFAULT_MAX_SWAPS, SkipChoice
 from topology.errors import InputError
 from topology.schema import load_topology
 
@@ -39,15 +40,25 @@ TOPOLOGY = click.Path(dir_okay=False, path_type=Path)
 @click.option("--fragments", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--quantization", type=click.Choice(["fp4", "int8", "bf16", "none"]),
               default="fp4", show_default=True)
+@click.option("--skip-ratio", type=float, default=None,
+              help="SkipPipe: each microbatch skips this fraction k in [0, 1) of the "
+              "non-first stages; routes are chosen to avoid collisions (default: no skipping).")
+@click.option("--max-swaps", type=click.IntRange(min=0), default=DEFAULT_MAX_SWAPS,
+              show_default=True, help="SkipPipe: swaps of consecutive stages per route.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON on stdout.")
 @reports_input_errors
 def plan(topology_file: Path, model_name: str, output: Path, sync: str, regime: str,
          stages: int | None, sync_every: int, fragments: int, quantization: str,
-         as_json: bool) -> None:
+         skip_ratio: float | None, max_swaps: int, as_json: bool) -> None:
     """Plan MODEL on TOPOLOGY_FILE: stages, layers, groups, NICs, sync; write plan.yaml."""
     topology = load_topology(topology_file)
     config = load_model(model_name)
-    options = PlanOptions(regime=regime, sync=sync, stages=stages,
+    skip = None
+    if skip_ratio is not None:
+        if not 0.0 <= skip_ratio < 1.0:
+            raise InputError(f"must be in [0, 1), got {skip_ratio:g}", field="--skip-ratio")
+        skip = SkipChoice(ratio=skip_ratio, max_swaps=max_swaps)
+    options = PlanOptions(regime=regime, sync=sync, stages=stages, skip=skip,
                           diloco=DilocoChoice(sync_every=sync_every, fragments=fragments,
                                               quantization=quantization))
     decision = decide(topology, config, options)
@@ -168,8 +179,9 @@ def _memory_table(the_plan: Plan, topology) -> Table:  # noqa: ANN001
 @click.option("--topology", "topology_file", type=TOPOLOGY,
               help="Topology file (default: the one the plan names).")
 @click.option("--model", "model_name", help="Model file or preset (default: the plan's).")
-@click.option("--baseline", type=click.Choice(["none", "naive"]), default="none",
-              show_default=True, help="naive: Megatron-style placement on the same devices.")
+@click.option("--baseline", type=click.Choice(["none", "naive", "full"]), default="none",
+              show_default=True, help="naive: Megatron-style placement on the same devices; "
+              "full: the plan's placement with full-pipeline routes (no skipping).")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 @reports_input_errors
 def simulate(plan_file: Path, topology_file: Path | None, model_name: str | None,
@@ -181,6 +193,8 @@ def simulate(plan_file: Path, topology_file: Path | None, model_name: str | None
     rows = {"plan": estimate_plan(the_plan, topology, config)}
     if baseline == "naive":
         rows["naive"] = naive_estimate(topology, config, rows["plan"])
+    if baseline == "full":
+        rows["full pipeline"] = estimate_plan(the_plan, topology, config, full_routes=True)
     figures = {name: {"iteration_s": e.step_s, "tokens_per_s": e.tokens_per_s,
                       "bubble_fraction": e.bubble_fraction,
                       "bytes_per_step": e.bytes_per_step} for name, e in rows.items()}

@@ -96,6 +96,17 @@ class LaunchHost(Strict):
     rdzv_endpoint: str
 
 
+class Skipping(Strict):
+    """SkipPipe paths: the skip ratio and swap limit the routes in `paths` obey, and how
+    many microbatches each device may hold at once (its memory cap while routes skip)."""
+
+    ratio: Annotated[float, Field(ge=0, lt=1)]
+    max_swaps: Annotated[int, Field(ge=0)]
+    seed: int = 0
+    in_flight: dict[str, Annotated[int, Field(ge=1)]]
+    full_pipeline_s: Annotated[float, Field(ge=0)]
+
+
 class Estimates(Strict):
     iteration_s: Annotated[float, Field(ge=0)]
     tokens_per_s: Annotated[float, Field(ge=0)]
@@ -114,6 +125,7 @@ class Plan(Strict):
     replicas: list[Replica] = Field(min_length=1)
     stages: list[Stage] = Field(min_length=1)
     paths: list[MicrobatchPath]
+    skipping: Skipping | None = None
     groups: list[Group]
     diloco: DilocoSettings | None = None
     launch: list[LaunchHost] = Field(min_length=1)

@@ -9,7 +9,7 @@ the NICs its hosts share (`holmes.nics`).
 
 from __future__ import annotations
 
-from holmes.estimate import Estimate
+from holmes.estimate import Estimate, memory_in_flight
 from holmes.network import host_of
 from holmes.nics import group_env
 from holmes.plan import (
@@ -22,6 +22,7 @@ from holmes.plan import (
     Plan,
     PlanModel,
     Replica,
+    Skipping,
     Stage,
 )
 from holmes.planner import Decision
@@ -50,6 +51,7 @@ def build_plan(decision: Decision, topology_file: str | None = None,
         stages=_stages(chosen),
         paths=[MicrobatchPath(microbatch=r.microbatch, origin=r.nodes[0], route=list(r.nodes))
                for routes in chosen.routes for r in routes],
+        skipping=_skipping(decision),
         groups=_groups(decision, ranks, backend),
         diloco=_diloco(decision) if chosen.sync == "diloco" else None,
         launch=launch,
@@ -129,6 +131,17 @@ def _group(decision: Decision, name: str, kind: str, devices: list[str], ranks: 
                  env=env.common, env_per_host=env.per_host)
 
 
+def _skipping(decision: Decision) -> Skipping | None:
+    choice, full = decision.skip, decision.full_pipeline
+    if choice is None or full is None:
+        return None
+    chosen = decision.chosen
+    return Skipping(ratio=choice.ratio, max_swaps=choice.max_swaps, seed=choice.seed,
+                    in_flight=memory_in_flight(chosen.layout, chosen.partition,
+                                               decision.context),
+                    full_pipeline_s=round(full.step_s, 6))
+
+
 def _diloco(decision: Decision) -> DilocoSettings:
     d = decision.context.diloco
     return DilocoSettings(sync_every=d.sync_every, fragments=d.fragments, pattern=d.pattern,
@@ -150,6 +163,7 @@ def summary(decision: Decision, plan: Plan, topology_name: str) -> list[str]:
         f"({chosen.partition.method}).",
     ]
     lines += _sync_lines(decision)
+    lines += _skip_lines(decision)
     per_class = ", ".join(f"{k} {v / 1e9:.3g} GB" for k, v in sorted(chosen.bytes_per_step.items()))
     lines.append(f"Estimated: {chosen.step_s:.4g} s/iteration, {chosen.tokens_per_s:,.0f} "
                  f"tokens/s, bubble {chosen.bubble_fraction:.0%}; bytes/step: {per_class}.")
@@ -159,6 +173,20 @@ def summary(decision: Decision, plan: Plan, topology_name: str) -> list[str]:
     if decision.rejected:
         lines.append(f"{len(decision.rejected)} layouts did not fit in memory.")
     return lines
+
+
+def _skip_lines(decision: Decision) -> list[str]:
+    choice, full = decision.skip, decision.full_pipeline
+    if choice is None or full is None:
+        return []
+    chosen = decision.chosen
+    stages = chosen.layout.stages
+    visits = round((1 - choice.ratio) * (stages - 1))
+    gain = 1 - chosen.step_s / full.step_s if full.step_s > 0 else 0.0
+    return [f"Skipping (SkipPipe): k={choice.ratio:g}, each microbatch visits its origin and "
+            f"{visits} of the other {stages - 1} stages, at most {choice.max_swaps} swaps; "
+            f"{chosen.step_s:.4g} s/iteration vs {full.step_s:.4g} s for the full pipeline "
+            f"on the same placement ({gain:.0%} less)."]
 
 
 def _sync_lines(decision: Decision) -> list[str]:

@@ -16,7 +16,14 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from holmes import costs
-from holmes.estimate import Context, DilocoChoice, Estimate, estimate, partition_for
+from holmes.estimate import (
+    Context,
+    DilocoChoice,
+    Estimate,
+    estimate,
+    memory_in_flight,
+    partition_for,
+)
 from holmes.fabric import Fabric, find_fabrics
 from holmes.model import ModelConfig
 from holmes.network import Network
@@ -28,6 +35,7 @@ from holmes.placement import (
     geo_layout,
     naive_layout,
 )
+from holmes.skipping import SkipChoice, skip_estimate, with_origin_loss
 from topology.errors import InputError
 from topology.schema import Topology
 
@@ -44,6 +52,7 @@ class PlanOptions:
     max_stages: int = 64
     refine_rounds: int = 200
     diloco: DilocoChoice = field(default_factory=DilocoChoice)
+    skip: SkipChoice | None = None
 
 
 @dataclass
@@ -56,6 +65,8 @@ class Decision:
     fabrics: list[Fabric]
     context: Context
     rejected: list[str] = field(default_factory=list)
+    full_pipeline: Estimate | None = None  # the chosen layout without skipping
+    skip: SkipChoice | None = None
 
 
 def decide(topology: Topology, config: ModelConfig, options: PlanOptions) -> Decision:
@@ -82,7 +93,22 @@ def decide(topology: Topology, config: ModelConfig, options: PlanOptions) -> Dec
         # The deepest pipeline spreads the model thinnest: its shortfall is the one to show.
         raise max(errors, key=lambda e: e[0])[1] if errors else InputError("no layout fits")
     chosen = _best(candidates, options.sync)
-    return Decision(chosen, candidates, regime, fabrics, context, rejected)
+    decision = Decision(chosen, candidates, regime, fabrics, context, rejected)
+    return _with_skipping(decision, options.skip) if options.skip else decision
+
+
+def _with_skipping(decision: Decision, choice: SkipChoice) -> Decision:
+    """Give the chosen layout collision-aware skip routes (SkipPipe); keep its
+    full-pipeline estimate (head at the origin, same memory) for comparison."""
+    ctx = decision.context
+    try:
+        skipped, _ = skip_estimate(decision.chosen, ctx, choice)
+    except ValueError as exc:
+        raise InputError(str(exc), field="--skip-ratio") from exc
+    full = with_origin_loss(decision.chosen, ctx)
+    caps = memory_in_flight(full.layout, full.partition, ctx)
+    full = estimate(full.layout, full.partition, ctx, full.sync, in_flight=caps)
+    return replace(decision, chosen=skipped, full_pipeline=full, skip=choice)
 
 
 def _require_devices(topology: Topology, config: ModelConfig) -> None:

@@ -64,7 +64,10 @@ def routes_of_plan(plan: Plan) -> list[list[Route]]:
     return routes
 
 
-def estimate_plan(plan: Plan, topology: Topology, config: ModelConfig) -> Estimate:
+def estimate_plan(plan: Plan, topology: Topology, config: ModelConfig,
+                  full_routes: bool = False) -> Estimate:
+    """Simulate the plan as written; with `full_routes`, the same placement, layers and
+    memory caps with every microbatch through every stage (the skipping baseline)."""
     fabrics = find_fabrics(topology)
     ctx = Context(topology, fabrics, Network(topology, fabrics), config)
     if plan.diloco is not None:
@@ -73,4 +76,6 @@ def estimate_plan(plan: Plan, topology: Topology, config: ModelConfig) -> Estima
                                   d.alpha, d.quantization)
     sync = "diloco" if plan.sync == "diloco" else ("allreduce" if len(plan.replicas) > 1
                                                    else "none")
-    return estimate(layout_of(plan), partition_of(plan), ctx, sync, routes_of_plan(plan))
+    in_flight = plan.skipping.in_flight if plan.skipping is not None else None
+    routes = None if full_routes else routes_of_plan(plan)
+    return estimate(layout_of(plan), partition_of(plan), ctx, sync, routes, in_flight=in_flight)

@@ -11,7 +11,8 @@ runs the loss, and must:
 * visit exactly ``round((1 - k) * (S - 1))`` of the other ``S - 1`` stages, each once,
   on one node of that stage (``k`` is the skip ratio);
 * keep ascending stage order except for at most ``max_swaps`` swaps, each of two
-  neighbours in the route, so a stage moves back by at most one place;
+  neighbours in the route whose stages are consecutive (``s + 1`` before ``s``), so a
+  stage moves back by at most one place;
 * together with the other routes, visit every non-first stage equally often (+-1), so
   that every layer trains on as many samples as every other;
 * fit the memory caps: a node holds at most ``memory_limit[node]`` microbatches at once.
@@ -168,15 +169,23 @@ def stages_visited(route: Route, stage_of: Mapping[str, int]) -> list[int]:
 
 
 def _swaps(order: Sequence[int]) -> int | None:
-    """Swaps of neighbours that turn sorted(order) into order, or None if some stage
-    moved by more than one place (or the order is not a set of distinct stages)."""
+    """Swaps that turn sorted(order) into order, or None if the order is not allowed: a
+    swap exchanges two neighbours of the route whose stages are consecutive (s, s + 1),
+    so no stage moves by more than one place."""
     ranked = sorted(order)
     if len(set(order)) != len(order):
         return None
-    pos = {stage: i for i, stage in enumerate(ranked)}
-    if any(abs(pos[stage] - i) > 1 for i, stage in enumerate(order)):
-        return None
-    return sum(1 for i, stage in enumerate(order) if pos[stage] == i + 1)
+    swaps, i = 0, 0
+    while i < len(order):
+        if order[i] == ranked[i]:
+            i += 1
+            continue
+        swapped = (i + 1 < len(order) and order[i] == ranked[i + 1]
+                   and order[i + 1] == ranked[i] and ranked[i + 1] - ranked[i] == 1)
+        if not swapped:
+            return None
+        swaps, i = swaps + 1, i + 2
+    return swaps
 
 
 def check_routes(problem: PathProblem, routes: Sequence[Route]) -> None:
@@ -212,8 +221,8 @@ def _check_one_route(problem: PathProblem, route: Route, origin: str,
                          f"visits stages {order}")
     swaps = _swaps(order)
     if swaps is None or swaps > problem.max_swaps:
-        raise ValueError(f"route of microbatch {mb} visits stages in order {order}: more than "
-                         f"{problem.max_swaps} swaps of neighbours")
+        raise ValueError(f"route of microbatch {mb} visits stages in order {order}: only "
+                         f"up to {problem.max_swaps} swaps of consecutive stages are allowed")
 
 
 # ---------------------------------------------------------------- construction
