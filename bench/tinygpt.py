@@ -4,7 +4,8 @@ Owns the model and data that benchmarks share, so that every method is compared 
 same network and the same bytes. Readable in one file, after nanoGPT:
 
 - `TinyGPTConfig`, `TinyGPT`: a decoder-only transformer over bytes (vocab 256), pre-norm
-  blocks in `TinyGPT.blocks` (an `nn.ModuleList`, one entry per layer), tied embedding/head.
+  blocks in `TinyGPT.blocks` (an `nn.ModuleList`, one entry per layer), tied embedding/head;
+  `embed` and `head_loss` make it a `skippipe.runtime.SkippableModel`.
 - `stdlib_corpus(max_bytes, seed)`: the `.py` files under `sysconfig.get_paths()["stdlib"]`,
   shuffled by file with `seed`, split by file into train and eval bytes (no file is in both).
 - `batch_at` / `batches`: random windows chosen from (seed, step) alone, so a run that
@@ -102,12 +103,20 @@ class TinyGPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token + position embedding (the input end of `skippipe.runtime.SkippableModel`)."""
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        return self.wte(idx) + self.wpe(pos)
+
+    def head_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Final norm, tied head and mean cross-entropy (the output end of the contract)."""
+        logits = self.lm_head(self.ln_f(h))
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        _, t = idx.shape
-        pos = torch.arange(t, device=idx.device)
-        x = self.wte(idx) + self.wpe(pos)
+        x = self.embed(idx)
         for block in self.blocks:
             x = block(x)
         logits = self.lm_head(self.ln_f(x))

@@ -1,0 +1,538 @@
+"""The pipeline runtime: executes skip/reorder routes with ``torch.distributed`` P2P.
+
+This module owns the execution of one pipeline-parallel training iteration on real
+processes (gloo on CPU, NCCL on GPU), given the same plain inputs as the simulator
+(``skippipe.simulate``): stage -> nodes lists, a block range per stage, one ``Route``
+per microbatch, and node -> global rank. It imports torch and ``skippipe.simulate``
+only.
+
+**The model contract** (``SkippableModel``). A model is an ``nn.Module`` with
+
+* ``embed(idx) -> h``: the input layer (token + position embedding), run at the origin;
+* ``blocks``: an ``nn.ModuleList`` of residual, shape-preserving blocks ``h -> h``; any
+  of them may be skipped and contiguous ranges of them may run in any order;
+* ``head_loss(h, targets) -> loss``: final norm, head and a scalar loss, run at the origin.
+
+A tiny GPT satisfies it with two extra methods (``bench/tinygpt.py``'s ``TinyGPT`` is the
+full version)::
+
+    class TinyGPT(nn.Module):
+        def __init__(self, vocab: int = 256, width: int = 64, depth: int = 8, seq: int = 64):
+            super().__init__()
+            self.wte, self.wpe = nn.Embedding(vocab, width), nn.Embedding(seq, width)
+            self.blocks = nn.ModuleList(Block(width) for _ in range(depth))  # x + f(x)
+            self.ln_f, self.lm_head = nn.LayerNorm(width), nn.Linear(width, vocab)
+
+        def embed(self, idx: Tensor) -> Tensor:
+            return self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+
+        def head_loss(self, h: Tensor, targets: Tensor) -> Tensor:
+            logits = self.lm_head(self.ln_f(h))
+            return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+**Semantics** (those of ``skippipe.simulate``). Stage ``s`` holds blocks
+``layers[s] = (start, end)``; every node of stage ``s`` holds a replica of them, and the
+nodes of stage 0 also hold the embedding and the head. A route ``(o, n1, ..., nk)`` of
+distinct nodes starts at its origin ``o`` (a stage-0 node): ``o`` embeds the
+microbatch and runs its stage-0 blocks, then ``n1`` ... ``nk`` run their blocks in route
+order (stages may be skipped or visited out of order), the output of ``nk`` goes back to
+``o``, which runs ``head_loss`` and its backward, and the gradient travels back along
+the reversed route, ending with stage 0's blocks and the embedding at ``o``.
+
+**Order of work.** ``PipelineSchedule`` runs the simulator once (unit costs unless
+``forward_s`` is given) and reads each node's compute tasks off the timeline, so every
+rank executes the simulator's 1F1B-style order, which respects ``memory_limit`` (at
+most that many microbatches between their forward and backward on a node). A rank
+runs its tasks one by one and blocks only to receive an input; sends are asynchronous.
+Executing every node's tasks in simulated order cannot deadlock: the simulated timeline
+is a valid order of all tasks.
+
+**Messages.** Each hop carries one tensor of the activation shape: activations forward
+(including the last node's output back to the origin) and gradients backward. Every
+message has a distinct tag per (microbatch, direction); in addition a receiver takes
+the messages of each sender in the order the sender sends them (stashing early ones),
+so matching also holds on backends that ignore tags (NCCL). Each loss is scaled by
+``1 / len(routes)``, so the gradients are those of the mean loss over the iteration.
+Only gloo is tested so far. NCCL runs a pair's sends and receives in order on one stream,
+so two nodes that both send large messages to each other before receiving may stall
+there; ``batch_isend_irecv`` would be the fix if that shows up.
+
+**Gradient sync.** With ``sync="stage"`` each stage's gradients are summed
+(all-reduce) over that stage's nodes at the end of ``step``; with ``sync="none"`` they
+are left for the caller (DiLoCo), who may call ``sync_gradients`` itself. Process groups
+for every stage with more than one node are created in the constructor, in stage order,
+by every rank.
+
+Public names: ``SkippableModel``, ``forward_route``, ``Task``, ``Message``,
+``PipelineSchedule``, ``PipelineRuntime``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple, Protocol, runtime_checkable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from skippipe.simulate import PipelineSpec, Route, simulate
+
+__all__ = [
+    "Message",
+    "PipelineRuntime",
+    "PipelineSchedule",
+    "SkippableModel",
+    "Task",
+    "forward_route",
+]
+
+TaskKind = Literal["forward", "loss", "backward"]
+MessageKind = Literal["activation", "gradient"]
+_TAG_OFFSET: dict[MessageKind, int] = {"activation": 0, "gradient": 1}
+
+
+@runtime_checkable
+class SkippableModel(Protocol):
+    """What the runtime needs of a model (see the module docstring for an example)."""
+
+    blocks: nn.ModuleList
+
+    def embed(self, idx: Tensor) -> Tensor: ...
+
+    def head_loss(self, h: Tensor, targets: Tensor) -> Tensor: ...
+
+
+def forward_route(
+    model: SkippableModel,
+    block_ranges: Sequence[tuple[int, int]],
+    idx: Tensor,
+    targets: Tensor,
+) -> Tensor:
+    """The loss of one microbatch run in a single process along ``block_ranges``.
+
+    ``block_ranges`` are the block ranges of the route's stages in visit order (see
+    ``PipelineSchedule.block_ranges``); the whole model is ``[(0, len(model.blocks))]``.
+    """
+    h = model.embed(idx)
+    for start, end in block_ranges:
+        for block in model.blocks[start:end]:
+            h = block(h)
+    return model.head_loss(h, targets)
+
+
+class Task(NamedTuple):
+    """One compute task of a node: "forward", "loss" (origin only) or "backward"."""
+
+    kind: TaskKind
+    microbatch: int
+
+
+class Message(NamedTuple):
+    """One tensor that ``src`` sends to ``dst`` during an iteration."""
+
+    src: str
+    dst: str
+    microbatch: int
+    kind: MessageKind
+
+    @property
+    def tag(self) -> int:
+        """Distinct per (microbatch, direction); a directed pair never repeats one."""
+        return 2 * self.microbatch + _TAG_OFFSET[self.kind]
+
+
+# ---------------------------------------------------------------- the schedule
+
+
+@dataclass
+class PipelineSchedule:
+    """Who holds what, the route of every microbatch, and each node's task order.
+
+    ``stages[s]`` lists the nodes of stage ``s``; ``layers[s] = (start, end)`` is its
+    block range; ``ranks`` maps every node to its global rank. ``forward_s`` (seconds
+    per forward per node; 1.0 when missing) and ``memory_limit`` (microbatches in
+    flight per node) shape the order the simulator produces. Raises ``ValueError`` on
+    an inconsistent schedule or when the memory limits deadlock.
+    """
+
+    stages: list[list[str]]
+    layers: list[tuple[int, int]]
+    routes: list[Route]
+    ranks: dict[str, int]
+    forward_s: dict[str, float] | None = None
+    memory_limit: dict[str, int] | None = None
+    stage_of: dict[str, int] = field(init=False)
+    tasks: dict[str, list[Task]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.stage_of = _stage_of(self.stages, self.layers)
+        _check_ranks(self.ranks, self.stage_of)
+        _check_routes(self.routes, self.stage_of)
+        self.tasks = self._simulated_tasks()
+
+    @property
+    def nodes(self) -> list[str]:
+        return list(self.stage_of)
+
+    @property
+    def num_blocks(self) -> int:
+        return max(end for _, end in self.layers)
+
+    def block_ranges(self, route: Route) -> list[tuple[int, int]]:
+        """The block ranges ``route`` runs, in visit order (for ``forward_route``)."""
+        return [self.layers[self.stage_of[node]] for node in route.nodes]
+
+    def messages_from(self, node: str) -> list[Message]:
+        """What ``node`` sends to other nodes in one iteration, in sending order."""
+        routes = {r.microbatch: r for r in self.routes}
+        sent = (_message_after(task, routes[task.microbatch], node) for task in self.tasks[node])
+        return [m for m in sent if m is not None]
+
+    def _simulated_tasks(self) -> dict[str, list[Task]]:
+        for what, mapping in (("forward_s", self.forward_s), ("memory_limit", self.memory_limit)):
+            for node in mapping or {}:
+                if node not in self.stage_of:
+                    raise ValueError(f"{what} names node {node!r}, which is in no stage")
+        forward_s = {node: 1.0 for node in self.stage_of} | dict(self.forward_s or {})
+        spec = PipelineSpec(
+            forward_s=forward_s,
+            routes=self.routes,
+            activation_bytes=0.0,
+            latency_s=lambda src, dst: 0.0,
+            bandwidth_Bps=lambda src, dst: 1.0,
+            memory_limit=self.memory_limit,
+        )
+        tasks: dict[str, list[Task]] = {node: [] for node in self.stage_of}
+        for event in simulate(spec).timeline:
+            if event.kind in ("forward", "loss", "backward") and event.microbatch is not None:
+                tasks[event.node].append(Task(event.kind, event.microbatch))
+        return tasks
+
+
+def _stage_of(stages: list[list[str]], layers: list[tuple[int, int]]) -> dict[str, int]:
+    if not stages or any(not nodes for nodes in stages):
+        raise ValueError("every stage needs at least one node")
+    if len(layers) != len(stages):
+        raise ValueError(f"{len(stages)} stages but {len(layers)} block ranges in layers")
+    for s, (start, end) in enumerate(layers):
+        if not 0 <= start <= end:
+            raise ValueError(f"stage {s} has block range [{start}, {end}); need 0 <= start <= end")
+    stage_of: dict[str, int] = {}
+    for s, nodes in enumerate(stages):
+        for node in nodes:
+            if node in stage_of:
+                raise ValueError(f"node {node!r} is in stage {stage_of[node]} and stage {s}")
+            stage_of[node] = s
+    return stage_of
+
+
+def _check_ranks(ranks: Mapping[str, int], stage_of: Mapping[str, int]) -> None:
+    for node in stage_of:
+        if node not in ranks:
+            raise ValueError(f"node {node!r} has no rank in ranks")
+    for node, rank in ranks.items():
+        if node not in stage_of:
+            raise ValueError(f"ranks names node {node!r}, which is in no stage")
+        if not isinstance(rank, int) or rank < 0:
+            raise ValueError(f"rank of node {node!r} must be an integer >= 0, got {rank!r}")
+    if len(set(ranks.values())) != len(ranks):
+        raise ValueError("two nodes share a rank; each node needs its own process")
+
+
+def _check_routes(routes: Sequence[Route], stage_of: Mapping[str, int]) -> None:
+    if not routes:
+        raise ValueError("no routes: give at least one microbatch route")
+    seen: set[int] = set()
+    for route in routes:
+        mb = route.microbatch
+        if not isinstance(mb, int) or mb < 0:
+            raise ValueError(f"microbatch ids must be integers >= 0, got {mb!r}")
+        if mb in seen:
+            raise ValueError(f"microbatch {mb} has more than one route")
+        seen.add(mb)
+        if not route.nodes:
+            raise ValueError(f"route of microbatch {mb} is empty")
+        for node in route.nodes:
+            if node not in stage_of:
+                raise ValueError(
+                    f"route of microbatch {mb} names node {node!r}, which is in no stage"
+                )
+        if stage_of[route.nodes[0]] != 0:
+            raise ValueError(
+                f"route of microbatch {mb} starts at {route.nodes[0]!r} "
+                f"(stage {stage_of[route.nodes[0]]}); its origin must be in stage 0"
+            )
+        if len(set(route.nodes)) != len(route.nodes):
+            raise ValueError(f"route of microbatch {mb} visits a node more than once")
+
+
+def _next_node(route: Route, position: int) -> str:
+    """Where the output of hop ``position`` goes: the next node, or back to the origin."""
+    return route.nodes[position + 1] if position + 1 < len(route.nodes) else route.nodes[0]
+
+
+def _message_after(task: Task, route: Route, node: str) -> Message | None:
+    """The message ``node`` sends once ``task`` is done (None: none, or to itself)."""
+    position = route.nodes.index(node)
+    mb = task.microbatch
+    if task.kind == "forward":
+        message = Message(node, _next_node(route, position), mb, "activation")
+    elif task.kind == "loss":
+        message = Message(node, route.nodes[-1], mb, "gradient")
+    elif position > 0:
+        message = Message(node, route.nodes[position - 1], mb, "gradient")
+    else:
+        return None
+    return message if message.dst != node else None
+
+
+# ---------------------------------------------------------------- the runtime
+
+
+class _Inbox:
+    """Receives each sender's messages in that sender's order; stashes early arrivals."""
+
+    def __init__(
+        self,
+        expected: Mapping[int, Sequence[Message]],
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self._pending = {src: deque(messages) for src, messages in expected.items()}
+        self._stash: dict[tuple[int, str], Tensor] = {}
+        self._shape, self._dtype, self._device = shape, dtype, device
+
+    def receive(self, src_rank: int, microbatch: int, kind: MessageKind) -> Tensor:
+        key = (microbatch, kind)
+        if key in self._stash:
+            return self._stash.pop(key)
+        pending = self._pending[src_rank]
+        while pending:
+            message = pending.popleft()
+            buffer = torch.empty(self._shape, dtype=self._dtype, device=self._device)
+            dist.recv(buffer, src=src_rank, tag=message.tag)
+            if (message.microbatch, message.kind) == key:
+                return buffer
+            self._stash[(message.microbatch, message.kind)] = buffer
+        raise RuntimeError(f"rank {src_rank} sends no {kind} of microbatch {microbatch} here")
+
+    def check_drained(self) -> None:
+        left = [src for src, pending in self._pending.items() if pending]
+        if left or self._stash:
+            raise RuntimeError(
+                f"iteration ended with unreceived messages from ranks {left} "
+                f"or unused ones {sorted(self._stash)}"
+            )
+
+
+@dataclass
+class _Iteration:
+    """Per-iteration state of one rank."""
+
+    batches: dict[int, tuple[Tensor, Tensor]]
+    inbox: _Inbox
+    inputs: dict[int, Tensor | None] = field(default_factory=dict)
+    outputs: dict[int, Tensor] = field(default_factory=dict)
+    local: dict[tuple[int, MessageKind], Tensor] = field(default_factory=dict)
+    sends: list[tuple[dist.Work, Tensor]] = field(default_factory=list)
+    losses: dict[int, float] = field(default_factory=dict)
+
+
+class PipelineRuntime:
+    """One rank's part of a pipeline: its stage's blocks (+ embedding and head at stage 0).
+
+    ``model`` is the whole model built the same way on every rank (same seed); the
+    runtime uses, and ``parameters()`` returns, only what this rank's stage holds: its
+    blocks and, on stage-0 nodes, every parameter outside ``model.blocks``.
+    ``activation_shape`` is the ``(batch, seq, hidden)`` shape of every microbatch's
+    activations; ``dtype``/``device`` default to those of the model's first parameter.
+    ``step`` adds into ``.grad`` as ``loss.backward()`` does: zero them between steps.
+    ``bytes_sent`` counts the P2P payload bytes this rank handed over, per peer rank.
+    """
+
+    def __init__(
+        self,
+        model: SkippableModel,
+        schedule: PipelineSchedule,
+        rank: int,
+        *,
+        activation_shape: Sequence[int],
+        sync: Literal["stage", "none"] = "stage",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if sync not in ("stage", "none"):
+            raise ValueError(f"sync must be 'stage' or 'none', got {sync!r}")
+        nodes = [node for node, r in schedule.ranks.items() if r == rank]
+        if not nodes:
+            raise ValueError(f"rank {rank} holds no node of the schedule")
+        _check_model(model, schedule)
+        self.schedule, self.rank, self.node, self.sync = schedule, rank, nodes[0], sync
+        self.stage = schedule.stage_of[self.node]
+        start, end = schedule.layers[self.stage]
+        self._model = model
+        self._blocks = list(model.blocks[start:end])
+        self._named = _owned_parameters(model, self._blocks, holds_ends=self.stage == 0)
+        first = next(iter(model.parameters()))
+        self.device = torch.device(device) if device is not None else first.device
+        self.dtype = dtype or first.dtype
+        self.activation_shape = tuple(int(n) for n in activation_shape)
+        self.bytes_sent: dict[int, int] = {}
+        self._routes = {r.microbatch: r for r in schedule.routes}
+        self._tasks = schedule.tasks[self.node]
+        self._expected = self._expected_messages()
+        self._stage_group = _stage_groups(schedule)[self.stage]
+
+    # ---- what this rank holds
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """The parameters this rank trains, with their names in ``model``."""
+        yield from self._named
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        for _, parameter in self._named:
+            yield parameter
+
+    def origin_microbatches(self) -> list[int]:
+        """The microbatches whose route starts here (``step`` needs their batches)."""
+        return sorted(mb for mb, r in self._routes.items() if r.nodes[0] == self.node)
+
+    # ---- one iteration
+
+    def step(self, batches: Mapping[int, tuple[Tensor, Tensor]]) -> dict[int, float]:
+        """Run one iteration; ``batches`` maps each origin microbatch to (idx, targets).
+
+        Returns the (unscaled) loss of each microbatch that originates here. Every rank
+        of the schedule must call ``step`` once per iteration.
+        """
+        mine = self.origin_microbatches()
+        if sorted(batches) != mine:
+            raise ValueError(
+                f"rank {self.rank} needs batches for microbatches {mine}, got {sorted(batches)}"
+            )
+        on_device = {mb: (x.to(self.device), y.to(self.device)) for mb, (x, y) in batches.items()}
+        inbox = _Inbox(self._expected, self.activation_shape, self.dtype, self.device)
+        state = _Iteration(on_device, inbox)
+        for task in self._tasks:
+            if task.kind == "forward":
+                self._forward(task.microbatch, state)
+            elif task.kind == "loss":
+                self._loss(task.microbatch, state)
+            else:
+                self._backward(task.microbatch, state)
+        for work, _ in state.sends:
+            work.wait()
+        inbox.check_drained()
+        if self.sync == "stage":
+            self.sync_gradients()
+        return state.losses
+
+    def sync_gradients(self) -> None:
+        """Sum this stage's gradients over the stage's nodes (every one of them calls it)."""
+        if self._stage_group is None:
+            return
+        params = [p for _, p in self._named]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self._stage_group)
+        for param, summed in zip(params, flat.split([p.numel() for p in params]), strict=True):
+            param.grad = summed.view_as(param)
+
+    # ---- tasks
+
+    def _forward(self, mb: int, state: _Iteration) -> None:
+        route = self._routes[mb]
+        position = route.nodes.index(self.node)
+        if position == 0:
+            x = None
+            h = self._model.embed(state.batches[mb][0])
+        else:
+            x = self._receive(route.nodes[position - 1], mb, "activation", state)
+            h = x.requires_grad_()
+        for block in self._blocks:
+            h = block(h)
+        state.inputs[mb], state.outputs[mb] = x, h
+        self._send(h.detach(), _next_node(route, position), mb, "activation", state)
+
+    def _loss(self, mb: int, state: _Iteration) -> None:
+        last = self._routes[mb].nodes[-1]
+        h = self._receive(last, mb, "activation", state).requires_grad_()
+        loss = self._model.head_loss(h, state.batches[mb][1])
+        (loss / len(self._routes)).backward()
+        state.losses[mb] = float(loss.detach())
+        self._send(h.grad, last, mb, "gradient", state)
+
+    def _backward(self, mb: int, state: _Iteration) -> None:
+        route = self._routes[mb]
+        position = route.nodes.index(self.node)
+        grad = self._receive(_next_node(route, position), mb, "gradient", state)
+        x, h = state.inputs.pop(mb), state.outputs.pop(mb)
+        torch.autograd.backward(h, grad)
+        if x is not None:
+            self._send(x.grad, route.nodes[position - 1], mb, "gradient", state)
+
+    # ---- messages
+
+    def _send(
+        self, tensor: Tensor | None, dst: str, mb: int, kind: MessageKind, state: _Iteration
+    ) -> None:
+        if tensor is None:
+            raise RuntimeError(f"no {kind} to send for microbatch {mb}: is a block detached?")
+        if dst == self.node:
+            state.local[(mb, kind)] = tensor
+            return
+        payload = tensor.contiguous()
+        dst_rank = self.schedule.ranks[dst]
+        work = dist.isend(payload, dst=dst_rank, tag=Message(self.node, dst, mb, kind).tag)
+        state.sends.append((work, payload))
+        nbytes = payload.numel() * payload.element_size()
+        self.bytes_sent[dst_rank] = self.bytes_sent.get(dst_rank, 0) + nbytes
+
+    def _receive(self, src: str, mb: int, kind: MessageKind, state: _Iteration) -> Tensor:
+        if src == self.node:
+            return state.local.pop((mb, kind)).detach()
+        return state.inbox.receive(self.schedule.ranks[src], mb, kind)
+
+    def _expected_messages(self) -> dict[int, list[Message]]:
+        expected = {}
+        for node in self.schedule.nodes:
+            incoming = [m for m in self.schedule.messages_from(node) if m.dst == self.node]
+            if incoming:
+                expected[self.schedule.ranks[node]] = incoming
+        return expected
+
+
+def _check_model(model: SkippableModel, schedule: PipelineSchedule) -> None:
+    if not isinstance(model, nn.Module) or not isinstance(model, SkippableModel):
+        raise TypeError("the model must be an nn.Module with embed, blocks and head_loss")
+    if schedule.num_blocks > len(model.blocks):
+        raise ValueError(
+            f"the schedule's layers reach block {schedule.num_blocks}, "
+            f"but the model has {len(model.blocks)} blocks"
+        )
+
+
+def _owned_parameters(
+    model: nn.Module, blocks: Sequence[nn.Module], holds_ends: bool
+) -> list[tuple[str, nn.Parameter]]:
+    """This rank's parameters: its blocks', plus everything outside the blocks at stage 0."""
+    in_blocks = {id(p) for p in model.blocks.parameters()}
+    mine = {id(p) for block in blocks for p in block.parameters()}
+    return [
+        (name, p)
+        for name, p in model.named_parameters()
+        if id(p) in mine or (holds_ends and id(p) not in in_blocks)
+    ]
+
+
+def _stage_groups(schedule: PipelineSchedule) -> list[dist.ProcessGroup | None]:
+    """One process group per stage with more than one node (all ranks call new_group)."""
+    groups: list[dist.ProcessGroup | None] = []
+    for nodes in schedule.stages:
+        ranks = sorted(schedule.ranks[node] for node in nodes)
+        groups.append(dist.new_group(ranks) if len(ranks) > 1 else None)
+    return groups
