@@ -352,6 +352,9 @@ class PipelineRuntime:
     activations; ``dtype``/``device`` default to those of the model's first parameter.
     ``step`` adds into ``.grad`` as ``loss.backward()`` does: zero them between steps.
     ``bytes_sent`` counts the P2P payload bytes this rank handed over, per peer rank.
+    ``stage_group`` is the group that sums this stage's gradients; by default the
+    constructor makes one per stage, which needs every rank of the world to be in the
+    schedule (a caller with several pipelines creates the groups itself and passes it).
     """
 
     def __init__(
@@ -364,6 +367,7 @@ class PipelineRuntime:
         sync: Literal["stage", "none"] = "stage",
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        stage_group: dist.ProcessGroup | None | Literal["create"] = "create",
     ) -> None:
         if sync not in ("stage", "none"):
             raise ValueError(f"sync must be 'stage' or 'none', got {sync!r}")
@@ -385,7 +389,8 @@ class PipelineRuntime:
         self._routes = {r.microbatch: r for r in schedule.routes}
         self._tasks = schedule.tasks[self.node]
         self._expected = self._expected_messages()
-        self._stage_group = _stage_groups(schedule)[self.stage]
+        self._stage_group = (_stage_groups(schedule)[self.stage] if stage_group == "create"
+                             else stage_group)
 
     # ---- what this rank holds
 

@@ -1,0 +1,157 @@
+"""Where this process sits in a plan: torchrun's environment + plan.yaml -> groups and stage.
+
+A training script's only hetsched import is `holmes.runtime.PlanRun` (and the `Trainer`
+it makes, `holmes.trainer`). `PlanRun.from_env()`:
+
+1. reads `HETSCHED_PLAN` and `HETSCHED_HOST` (set by `hetsched launch`) and torchrun's
+   `RANK`, `WORLD_SIZE`, `LOCAL_RANK`; this process is device `LOCAL_RANK` of its host in
+   the plan's `launch` section;
+2. joins the default process group (gloo for CPU devices, NCCL for GPUs);
+3. maps the plan's ranks (launch order) to torchrun's ranks with one all-gather, because
+   torchrun's c10d rendezvous numbers hosts in arrival order, not by `--node-rank`;
+4. creates every group of the plan (`pipeline`, `data`, `replica`, `diloco`) in plan
+   order on every rank, as `torch.distributed.new_group` requires;
+5. builds this replica's `skippipe.runtime.PipelineSchedule` from the plan's stages,
+   layer ranges and `paths` (with the skip plan's memory caps when there are any).
+
+Each group's NCCL settings are process-wide environment variables, which the launcher
+sets per host (NCCL reads them when a communicator is created); this module does not
+change the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from holmes.plan import Group, Plan, load_plan
+from skippipe.runtime import PipelineSchedule
+from skippipe.simulate import Route
+
+
+@dataclass(frozen=True)
+class Placement:
+    """This process in the plan: its device, ranks, replica, stage and lane."""
+
+    host: str
+    device: str
+    plan_rank: int
+    torch_rank: int
+    replica: int
+    stage: int  # index within the replica's stages
+    lane: int  # position of the device within its stage
+
+
+@dataclass
+class PlanRun:
+    """The plan, this process's placement, the plan's process groups and its schedule."""
+
+    plan: Plan
+    plan_path: Path
+    placement: Placement
+    torch_rank_of: dict[str, int]  # plan device -> torchrun rank
+    groups: dict[str, dist.ProcessGroup | None]  # plan group name -> group (None: not a member)
+    schedule: PipelineSchedule
+    restart: int
+
+    @classmethod
+    def from_env(cls, plan_path: str | os.PathLike[str] | None = None) -> PlanRun:
+        """Join the job described by the plan (see the module docstring)."""
+        path = Path(plan_path or _require_env("HETSCHED_PLAN"))
+        plan = load_plan(path)
+        host = _require_env("HETSCHED_HOST")
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        device = _device_of(plan, host, local_rank)
+        if not dist.is_initialized():
+            dist.init_process_group(backend=_backend(plan))
+        plan_ranks = plan.rank_of()
+        gathered: list[object] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, plan_ranks[device])
+        if sorted(gathered) != list(range(len(plan_ranks))):
+            raise RuntimeError(f"torchrun started {len(gathered)} processes holding plan ranks "
+                               f"{sorted(gathered)}; the plan has {len(plan_ranks)} devices")
+        devices = {rank: d for d, rank in plan_ranks.items()}
+        torch_rank_of = {devices[int(p)]: r for r, p in enumerate(gathered)}  # type: ignore[arg-type]
+        groups = {g.name: _new_group(g, devices, torch_rank_of) for g in plan.groups}
+        placement = _placement(plan, host, device, plan_ranks[device], dist.get_rank())
+        return cls(plan, path, placement, torch_rank_of, groups,
+                   _schedule(plan, placement.replica, torch_rank_of),
+                   int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
+
+    def trainer(self, model: torch.nn.Module, make_optimizer: Any, **options: Any) -> Any:
+        """A `holmes.trainer.Trainer` for this process (same arguments after `run`)."""
+        from holmes.trainer import Trainer  # the trainer imports this module
+
+        return Trainer(self, model, make_optimizer, **options)
+
+    def group_of_kind(self, kind: str) -> dist.ProcessGroup | None:
+        """The group of `kind` that holds this process (None if none does)."""
+        for group in self.plan.groups:
+            if group.kind == kind and self.placement.plan_rank in group.ranks:
+                return self.groups[group.name]
+        return None
+
+    def torch_device(self) -> torch.device:
+        name = self.placement.device.split(":", 1)[1]
+        if name.startswith("cuda") and torch.cuda.is_available():
+            return torch.device(f"cuda:{name[4:] or 0}")
+        return torch.device("cpu")
+
+
+def _require_env(name: str) -> str:
+    value = os.environ.get(name)
+    if not value:
+        raise RuntimeError(f"{name} is not set: start this script with `hetsched launch`")
+    return value
+
+
+def _device_of(plan: Plan, host: str, local_rank: int) -> str:
+    for entry in plan.launch:
+        if entry.host == host:
+            if not 0 <= local_rank < len(entry.devices):
+                raise RuntimeError(f"LOCAL_RANK {local_rank} but the plan gives host {host} "
+                                   f"{len(entry.devices)} device(s)")
+            return entry.devices[local_rank]
+    raise RuntimeError(f"HETSCHED_HOST={host} is not a host of the plan's launch section")
+
+
+def _backend(plan: Plan) -> str:
+    return "nccl" if any(g.backend == "nccl" for g in plan.groups) else "gloo"
+
+
+def _new_group(group: Group, devices: dict[int, str],
+               torch_rank_of: dict[str, int]) -> dist.ProcessGroup | None:
+    ranks = sorted(torch_rank_of[devices[r]] for r in group.ranks)
+    made = dist.new_group(ranks, backend=group.backend)
+    return made if dist.get_rank() in ranks else None
+
+
+def _placement(plan: Plan, host: str, device: str, plan_rank: int,
+               torch_rank: int) -> Placement:
+    for replica in plan.replicas:
+        for index, stage_id in enumerate(replica.stages):
+            stage = plan.stage(stage_id)
+            if device in stage.devices:
+                return Placement(host, device, plan_rank, torch_rank, replica.id, index,
+                                 stage.devices.index(device))
+    raise RuntimeError(f"device {device} is in no stage of the plan")
+
+
+def _schedule(plan: Plan, replica_id: int, torch_rank_of: dict[str, int]) -> PipelineSchedule:
+    replica = next(r for r in plan.replicas if r.id == replica_id)
+    stages = [plan.stage(s) for s in replica.stages]
+    members = {d for stage in stages for d in stage.devices}
+    routes = [Route(p.microbatch, tuple(p.route)) for p in plan.paths if p.origin in members]
+    caps = plan.skipping.in_flight if plan.skipping is not None else None
+    return PipelineSchedule(
+        stages=[list(stage.devices) for stage in stages],
+        layers=[tuple(stage.layers) for stage in stages],
+        routes=routes,
+        ranks={d: torch_rank_of[d] for d in members},
+        memory_limit={d: n for d, n in (caps or {}).items() if d in members} or None,
+    )

@@ -1,0 +1,361 @@
+"""The training loop of one rank under a plan: pipeline step, syncs, logs, checkpoints.
+
+`Trainer` (made by `PlanRun.trainer`, `holmes.runtime`) runs one optimizer step per
+`step(batches)`:
+
+1. `skippipe.runtime.PipelineRuntime.step`: this rank's forwards, losses and backwards
+   along the plan's routes; each stage's gradients are summed over the stage's devices
+   (the plan's `data` group) so every device of a stage holds the replica's gradient of
+   its mean loss;
+2. between replicas, by the plan's `sync`: `allreduce` averages the gradients over the
+   `replica` group of this device's lane every step; `diloco` hands the parameters to
+   `diloco.DiLoCo` over the `diloco` group after the inner optimizer step (devices beyond
+   the narrowest replica's lanes copy the merged parameters from lane 0 of their stage);
+3. every `log_every` steps rank 0 prints the mean loss, tokens/s and the bytes this job
+   sent per link class (pipeline P2P as counted, ring all-reduce as 2(n-1)/n of the
+   payload, DiLoCo as its ledger says; classes from the plan's topology: intra_host,
+   intra_site, inter_site);
+4. every `checkpoint_every` steps (at the first step after it where no DiLoCo exchange is
+   in flight) every rank writes its state atomically to
+   `CHECKPOINT_DIR/step-NNNNNNNN/rank-R.pt`, keeping the last two. On start, the latest
+   step that every rank has is loaded, so a torchrun restart continues the same run.
+
+Parameters of the model a rank does not hold (other stages' blocks) are never trained
+there; `gather_model()` copies every replica-0 parameter to rank 0 for evaluation.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from diloco import DiLoCo, DiLoCoConfig, load_checkpoint, save_checkpoint
+from holmes.review import plan_topology
+from holmes.runtime import PlanRun
+from skippipe.runtime import PipelineRuntime
+from topology.errors import InputError
+
+OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+KEEP_CHECKPOINTS = 2
+
+
+@dataclass
+class StepLog:
+    """What rank 0 prints every `log_every` steps (also returned by `step`)."""
+
+    step: int
+    loss: float
+    tokens_per_s: float
+    bytes_per_class: dict[str, int] = field(default_factory=dict)
+
+
+class Trainer:
+    """See the module docstring; `steps()` yields the step numbers still to run."""
+
+    def __init__(self, run: PlanRun, model: nn.Module, make_optimizer: OptimizerFactory, *,
+                 activation_shape: Sequence[int], total_steps: int,
+                 checkpoint_dir: str | Path | None = None, checkpoint_every: int = 50,
+                 log_every: int = 10, log: Callable[[str], None] | None = None) -> None:
+        self.run, self.total_steps = run, total_steps
+        self.log_every, self.checkpoint_every = log_every, checkpoint_every
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self._print = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.pipeline = PipelineRuntime(
+            model, run.schedule, run.placement.torch_rank, activation_shape=activation_shape,
+            device=run.torch_device(), stage_group=run.group_of_kind("data"))
+        self.params = list(self.pipeline.parameters())
+        self.optimizer = make_optimizer(self.params)
+        self.diloco = _make_diloco(run, self.params, self.optimizer)
+        self.bytes = Counter[str]()
+        self._classes = _link_classes(run)
+        self._owed = False  # a checkpoint waits for DiLoCo to be quiescent
+        self._window: list[float] = []
+        self._window_steps = 0
+        self.start_step = self._resume()
+        self._window_start = time.perf_counter()
+
+    def microbatches(self) -> list[int]:
+        """The microbatches whose batches this rank must give to `step` (its origins)."""
+        return self.pipeline.origin_microbatches()
+
+    def steps(self) -> Iterator[int]:
+        yield from range(self.start_step, self.total_steps)
+
+    def step(self, step: int, batches: Mapping[int, tuple[Tensor, Tensor]]) -> StepLog | None:
+        """One optimizer step (numbered `step`, 0-based); returns the log line's figures
+        on rank 0 when one is printed."""
+        losses = self.pipeline.step(batches)
+        self._count_pipeline_bytes()
+        self._sync_replicas_before_update()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._sync_replicas_after_update()
+        self._window.extend(losses.values())
+        self._window_steps += 1
+        done = step + 1
+        log = self._log(done) if done % self.log_every == 0 or done == self.total_steps else None
+        if self.checkpoint_dir and (done % self.checkpoint_every == 0 or self._owed):
+            self._checkpoint(done)
+        return log
+
+    def finish(self) -> None:
+        """Merge DiLoCo exchanges still in flight and write a last checkpoint."""
+        if self.diloco is not None:
+            self.diloco.finish()
+            self._broadcast_in_stage()
+            self.diloco.close()
+        if self.checkpoint_dir:
+            self._checkpoint(self.total_steps, final=True)
+
+    @torch.no_grad()
+    def gather_model(self, model: nn.Module) -> bool:
+        """Copy replica 0's parameters into `model` on rank 0; True there, False elsewhere."""
+        mine = {name: p.detach().cpu() for name, p in self.pipeline.named_parameters()}
+        if self.run.placement.replica != 0 or self.run.placement.lane != 0:
+            mine = {}
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine)
+        if dist.get_rank() != 0:
+            return False
+        merged = {name: t for part in gathered for name, t in part.items()}
+        for name, param in model.named_parameters():
+            if name in merged:
+                param.copy_(merged[name])
+        return True
+
+    # ---- syncs
+
+    def _sync_replicas_before_update(self) -> None:
+        group = self.run.group_of_kind("replica")
+        if self.run.plan.sync != "allreduce" or group is None:
+            return
+        flat = torch.cat([_grad(p).reshape(-1) for p in self.params])
+        dist.all_reduce(flat, group=group)
+        flat /= dist.get_world_size(group)
+        self._add_ring_bytes(group, flat)
+        for param, part in zip(self.params, flat.split([p.numel() for p in self.params]),
+                               strict=True):
+            param.grad = part.view_as(param)
+
+    def _sync_replicas_after_update(self) -> None:
+        if self.run.plan.sync != "diloco":
+            return
+        merged = self.diloco.step() if self.diloco is not None else []
+        if _any_rank(bool(merged)):
+            self._broadcast_in_stage()
+
+    def _broadcast_in_stage(self) -> None:
+        """Devices beyond the narrowest replica's lanes take lane 0's parameters."""
+        group = self.run.group_of_kind("data")
+        if group is None or not _needs_stage_broadcast(self.run):
+            return
+        lane0 = self.run.torch_rank_of[self._stage_devices()[0]]
+        for param in self.params:
+            dist.broadcast(param.data, src=lane0, group=group)
+
+    def _stage_devices(self) -> list[str]:
+        return self.run.schedule.stages[self.run.placement.stage]
+
+    # ---- bytes
+
+    def _count_pipeline_bytes(self) -> None:
+        for peer, sent in self.pipeline.bytes_sent.items():
+            self.bytes[self._classes(self.run.placement.torch_rank, peer)] += sent
+        self.pipeline.bytes_sent.clear()
+        group = self.run.group_of_kind("data")
+        if group is not None:
+            self._add_ring_bytes(group, torch.empty(sum(p.numel() for p in self.params)))
+
+    def _add_ring_bytes(self, group: dist.ProcessGroup, flat: Tensor) -> None:
+        n = dist.get_world_size(group)
+        self.bytes[self._group_class(group)] += int(2 * (n - 1) / n * flat.numel()
+                                                    * flat.element_size())
+
+    def _group_class(self, group: dist.ProcessGroup) -> str:
+        """The slowest link class between two members of `group`."""
+        ranks = dist.get_process_group_ranks(group)
+        return max((self._classes(a, b) for a in ranks for b in ranks if a != b),
+                   key=_CLASS_ORDER.index, default="intra_host")
+
+    def _with_diloco_bytes(self) -> Counter[str]:
+        """`self.bytes` plus what DiLoCo sent since the last (re)start."""
+        counts = Counter(self.bytes)
+        if self.diloco is not None:
+            group = self.run.group_of_kind("diloco")
+            counts[self._group_class(group)] += self.diloco.ledger.summary().sent
+        return counts
+
+    # ---- logs and checkpoints
+
+    def _log(self, done: int) -> StepLog | None:
+        total = torch.tensor([sum(self._window), float(len(self._window))])
+        dist.all_reduce(total)
+        counts = self._bytes_now()
+        elapsed = time.perf_counter() - self._window_start
+        steps = self._window_steps
+        self._window, self._window_steps = [], 0
+        self._window_start = time.perf_counter()
+        if dist.get_rank() != 0:
+            return None
+        model = self.run.plan.model
+        tokens = steps * model.global_batch * model.seq_len
+        log = StepLog(done, float(total[0] / max(1.0, float(total[1]))),
+                      tokens / elapsed if elapsed > 0 else 0.0, counts)
+        sent = ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in sorted(counts.items()))
+        self._print(f"step {done:5d}  loss {log.loss:.4f}  {log.tokens_per_s:,.0f} tokens/s  "
+                    f"sent so far: {sent}")
+        return log
+
+    def _bytes_now(self) -> dict[str, int]:
+        """Bytes sent by every rank so far, per link class (a collective)."""
+        mine = self._with_diloco_bytes()
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, dict(mine))
+        total: Counter[str] = Counter()
+        for part in gathered:
+            total.update(part)
+        return dict(total)
+
+    def _checkpoint(self, done: int, final: bool = False) -> None:
+        quiet = self.diloco is None or self.diloco.quiescent
+        if not _all_ranks(quiet):
+            self._owed = True
+            return
+        self._owed = False
+        folder = self.checkpoint_dir / f"step-{done:08d}"
+        state = {"step": done, "bytes": dict(self._with_diloco_bytes()),
+                 "diloco": self.diloco.state_dict() if self.diloco is not None else None,
+                 "params": {n: p.detach().cpu() for n, p in self.pipeline.named_parameters()},
+                 "optimizer": self.optimizer.state_dict()}
+        save_checkpoint(state, folder / f"rank-{self.run.placement.plan_rank}.pt")
+        dist.barrier()
+        if dist.get_rank() == 0:
+            _prune(self.checkpoint_dir, keep=KEEP_CHECKPOINTS)
+            self._print(f"checkpoint {folder}" + (" (final)" if final else ""))
+
+    def _resume(self) -> int:
+        if self.checkpoint_dir is None:
+            return 0
+        mine = _steps_with(self.checkpoint_dir, self.run.placement.plan_rank)
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine)
+        common = set.intersection(*(set(g) for g in gathered))
+        if not common:
+            return 0
+        step = max(common)
+        state = load_checkpoint(self.checkpoint_dir / f"step-{step:08d}" /
+                                f"rank-{self.run.placement.plan_rank}.pt")
+        self._load(state)
+        if dist.get_rank() == 0:
+            self._print(f"resumed from step {step} ({self.checkpoint_dir})")
+        return step
+
+    @torch.no_grad()
+    def _load(self, state: dict[str, Any]) -> None:
+        named = dict(self.pipeline.named_parameters())
+        for name, saved in state["params"].items():
+            named[name].copy_(saved)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.diloco is not None and state["diloco"] is not None:
+            self.diloco.load_state_dict(state["diloco"])
+        self.bytes = Counter(state.get("bytes", {}))
+
+
+# ---- helpers
+
+
+_CLASS_ORDER = ["intra_host", "intra_site", "inter_site"]
+
+
+def _grad(param: nn.Parameter) -> Tensor:
+    return param.grad if param.grad is not None else torch.zeros_like(param)
+
+
+def _any_rank(flag: bool) -> bool:
+    value = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _all_ranks(flag: bool) -> bool:
+    value = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def _needs_stage_broadcast(run: PlanRun) -> bool:
+    """Whether some device of this stage is in no DiLoCo group (a wider replica)."""
+    widths = [len(run.plan.stage(r.stages[run.placement.stage]).devices)
+              for r in run.plan.replicas]
+    return len(set(widths)) > 1
+
+
+def _make_diloco(run: PlanRun, params: list[nn.Parameter],
+                 optimizer: torch.optim.Optimizer) -> DiLoCo | None:
+    settings = run.plan.diloco
+    group = run.group_of_kind("diloco")
+    if run.plan.sync != "diloco" or settings is None or group is None:
+        return None
+    holder = nn.Module()
+    holder.layers = nn.ModuleList(_one_param_module(p) for p in params)
+    fragments = max(1, min(settings.fragments, len(params)))
+    config = DiLoCoConfig(
+        sync_every=settings.sync_every, fragments=fragments, pattern=settings.pattern,
+        overlap_steps=max(0, min(settings.overlap_steps, settings.sync_every // fragments - 1)),
+        alpha=settings.alpha, quantization=None if settings.quantization == "none"
+        else settings.quantization, outer_lr=settings.outer_lr,
+        outer_momentum=settings.outer_momentum)
+    return DiLoCo(holder, optimizer, group, config, layers=list(holder.layers))
+
+
+def _one_param_module(param: nn.Parameter) -> nn.Module:
+    module = nn.Module()
+    module.register_parameter("weight", param)
+    return module
+
+
+def _link_classes(run: PlanRun) -> Callable[[int, int], str]:
+    """(torch rank, torch rank) -> intra_host / intra_site / inter_site, sites from the
+    plan's topology file when it can be read (else every other host is inter_site)."""
+    host_of = {rank: device.split(":", 1)[0] for device, rank in run.torch_rank_of.items()}
+    site_of = _sites(run)
+
+    def classify(a: int, b: int) -> str:
+        ha, hb = host_of[a], host_of[b]
+        if ha == hb:
+            return "intra_host"
+        same = site_of.get(ha) is not None and site_of.get(ha) == site_of.get(hb)
+        return "intra_site" if same else "inter_site"
+
+    return classify
+
+
+def _sites(run: PlanRun) -> dict[str, str | None]:
+    try:
+        topology = plan_topology(run.plan, run.plan_path, None)
+    except (InputError, OSError):
+        return {}
+    return {h.name: h.site for h in topology.hosts}
+
+
+def _steps_with(directory: Path, plan_rank: int) -> list[int]:
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.parent.name.split("-", 1)[1])
+                  for p in directory.glob(f"step-*/rank-{plan_rank}.pt"))
+
+
+def _prune(directory: Path, keep: int) -> None:
+    folders = sorted(p for p in directory.glob("step-*") if p.is_dir())
+    for old in folders[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
