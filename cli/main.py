@@ -11,6 +11,7 @@ import click
 COMMANDS = {
     "demo": ("cli.demo", "demo"),
     "lab": ("cli.lab", "lab"),
+    "launch": ("cli.launch", "launch"),
     "plan": ("cli.plan", "plan"),
     "probe": ("cli.probe", "probe"),
     "show": ("cli.plan", "show"),
@@ -45,6 +46,7 @@ def cli() -> None:
       hetsched plan topology.yaml -m llama-7b -o plan.yaml
       hetsched show plan.yaml --gantt plan.png         review before any GPU hour
       hetsched simulate plan.yaml --baseline naive     predicted speed vs Megatron order
+      hetsched launch plan.yaml -- train.py            one torchrun per host
     """
 
 

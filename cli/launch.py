@@ -1,0 +1,226 @@
+"""`hetsched launch`: run a plan with one torchrun per host, locally, in the lab or over ssh.
+
+This module owns the command and its pre-flight: the plan must match the topology it
+was made for (its sha256) and every host must be reachable, else the launch is refused
+with exit status 2 before anything starts (`--force` goes on with a warning). The
+commands come from `cli.torchrun`; running and stopping them is `cli.supervise`.
+`--dry-run` prints, per host, the environment and the exact command instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from cli.errors import reports_input_errors
+from cli.supervise import Printer, report, supervise
+from cli.torchrun import LOOPBACK, HostCommand, LaunchSpec, Via, build_commands, check_plan_hosts
+from holmes.plan import Plan, load_plan
+from holmes.review import plan_topology
+from topology.errors import InputError
+from topology.lab import LabError, LabState, find_lab, missing_namespaces
+
+FILE = click.Path(dir_okay=False, path_type=Path)
+SSH_CHECK_TIMEOUT_S = 5
+SSH_CHECK_WAIT_S = 20
+
+
+@dataclass(frozen=True)
+class Unreachable:
+    host: str
+    reason: str
+
+
+_HELP = """Run PLAN_FILE: one torchrun per host of the plan's `launch` section.
+
+\b
+  hetsched launch plan.yaml --dry-run -- train.py --steps 100     review first
+  hetsched launch plan.yaml --via ssh -- /opt/job/train.py        real hosts
+  hetsched launch plan.yaml --via lab -- train.py                 the emulated lab
+  hetsched launch plan.yaml --via local -- train.py               every host here
+
+Put `--` before SCRIPT: everything after it goes to torchrun's script unchanged.
+Each host's processes get HETSCHED_PLAN, HETSCHED_HOST and the NCCL/gloo variables of
+their process groups. Output is streamed with a `[host]` prefix; when one host fails,
+the others are stopped and the exit status is 1. Refused (exit 2) when the plan was made
+for another topology or a host is unreachable, unless --force.
+"""
+
+
+@click.command(help=_HELP)
+@click.argument("plan_file", type=FILE)
+@click.argument("script", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("--via", type=click.Choice(["ssh", "lab", "local"]), default="ssh",
+              show_default=True, help="Reach the hosts over ssh, in the lab's namespaces, "
+              "or run every host on this machine (rendezvous and sockets on loopback).")
+@click.option("--lab", "lab_name", metavar="NAME",
+              help="--via lab: which lab (may be left out when only one is running).")
+@click.option("--dry-run", is_flag=True, help="Print what would run on each host; start nothing.")
+@click.option("--json", "as_json", is_flag=True, help="With --dry-run: print it as JSON.")
+@click.option("--force", is_flag=True,
+              help="Launch even when the topology changed or a host is unreachable.")
+@click.option("--topology", "topology_file", type=FILE,
+              help="Topology file to check against (default: the one the plan names).")
+@click.option("--rdzv-id", help="Rendezvous id (default: the plan's sha256 and the time).")
+@click.option("--max-restarts", type=click.IntRange(min=0), default=0, show_default=True,
+              help="torchrun --max-restarts on every host.")
+@click.option("--torchrun", "torchrun_command", default="torchrun", show_default=True,
+              help="--via ssh: the torchrun command on the remote hosts.")
+@click.option("--remote-plan", metavar="PATH",
+              help="--via ssh: HETSCHED_PLAN on the remote hosts (default: this plan's path).")
+@reports_input_errors
+def launch(plan_file: Path, script: tuple[str, ...], via: Via, lab_name: str | None,
+           dry_run: bool, as_json: bool, force: bool, topology_file: Path | None,
+           rdzv_id: str | None, max_restarts: int, torchrun_command: str,
+           remote_plan: str | None) -> None:
+    if as_json and not dry_run:
+        raise InputError("--json is only for --dry-run", field="--json")
+    if not shlex.split(torchrun_command):
+        raise InputError("may not be empty", field="--torchrun")
+    plan = load_plan(plan_file)
+    check_plan_hosts(plan, via)
+    _check_topology(plan, plan_file, topology_file, force)
+    lab = find_lab(lab_name) if via == "lab" else None
+    spec = LaunchSpec(
+        via=via, plan_path=plan_file.resolve(), script=script,
+        rdzv_id=rdzv_id or _default_rdzv_id(plan_file), max_restarts=max_restarts,
+        rdzv_endpoint=f"{LOOPBACK}:{_free_port()}" if via == "local" else None,
+        torchrun=tuple(shlex.split(torchrun_command)), python=sys.executable,
+        remote_plan=remote_plan, namespaces=_namespaces(plan, lab))
+    commands = build_commands(plan, spec)
+    if dry_run:
+        click.echo(_dry_run_json(spec, commands) if as_json else _dry_run_text(spec, commands))
+        return
+    _check_reachable(commands, spec, lab, force)
+    printer = Printer(sys.stdout, sys.stderr)
+    printer.note(f"{len(commands)} hosts via {via}, rendezvous {commands[0].rdzv_endpoint} "
+                 f"(id {spec.rdzv_id})")
+    outcome = supervise(commands, printer)
+    report(outcome, printer)
+    sys.exit(outcome.exit_code)
+
+
+def _check_topology(plan: Plan, plan_file: Path, topology_file: Path | None, force: bool) -> None:
+    try:
+        plan_topology(plan, plan_file, topology_file)
+    except InputError as exc:
+        if not force:
+            raise InputError(f"{exc.message}; refusing to launch (--force launches anyway)",
+                             exc.path, exc.field) from None
+        click.echo(f"warning: {exc.render()}; launching anyway (--force)", err=True)
+
+
+def _default_rdzv_id(plan_file: Path) -> str:
+    digest = hashlib.sha256(plan_file.read_bytes()).hexdigest()[:12]
+    return f"hs-{digest}-{time.strftime('%Y%m%d%H%M%S')}"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+def _namespaces(plan: Plan, lab: LabState | None) -> dict[str, str]:
+    if lab is None:
+        return {}
+    return {host.host: lab.host(host.host).namespace for host in plan.launch}
+
+
+def _dry_run_text(spec: LaunchSpec, commands: list[HostCommand]) -> str:
+    processes = sum(c.nproc for c in commands)
+    lines = [f"# hetsched launch {spec.plan_path} via {spec.via}: {len(commands)} hosts, "
+             f"{processes} processes, rendezvous {commands[0].rdzv_endpoint} "
+             f"(c10d, id {spec.rdzv_id})"]
+    for command in commands:
+        lines.append(f"# {command.header()}")
+        for name, value in command.env.items():
+            source = command.sources.get(name, "launcher")
+            comment = "" if source == "launcher" else f"  # {source}"
+            lines.append(f"{name}={shlex.quote(value)}{comment}")
+        lines.extend(f"# note: {note}" for note in command.notes)
+        lines.append(command.render())
+        lines.append("")
+    return "\n".join(lines).rstrip("\n")
+
+
+def _dry_run_json(spec: LaunchSpec, commands: list[HostCommand]) -> str:
+    hosts = [{
+        "host": c.host, "address": c.address, "node_rank": c.node_rank, "ranks": list(c.ranks),
+        "nproc_per_node": c.nproc, "rdzv_endpoint": c.rdzv_endpoint, "env": c.env,
+        "env_sources": c.sources, "notes": list(c.notes), "argv": list(c.argv),
+        "command": c.render(),
+    } for c in commands]
+    return json.dumps({"plan": str(spec.plan_path), "via": spec.via, "rdzv_id": spec.rdzv_id,
+                       "hosts": hosts}, indent=2)
+
+
+def _check_reachable(commands: list[HostCommand], spec: LaunchSpec, lab: LabState | None,
+                     force: bool) -> None:
+    if spec.via == "lab" and lab is not None:
+        unreachable = _lab_unreachable(commands, spec, lab)
+    elif spec.via == "ssh":
+        unreachable = _ssh_unreachable(commands)
+    else:
+        unreachable = []
+    if not unreachable:
+        return
+    listing = "; ".join(f"{u.host} ({u.reason})" for u in unreachable)
+    if not force:
+        raise InputError(f"unreachable: {listing}; nothing was started "
+                         "(--force launches anyway)")
+    click.echo(f"warning: unreachable: {listing}; launching anyway (--force)", err=True)
+
+
+def _lab_unreachable(commands: list[HostCommand], spec: LaunchSpec,
+                     lab: LabState) -> list[Unreachable]:
+    if os.geteuid() != 0:
+        return [Unreachable(c.host, "running in a lab namespace needs root") for c in commands]
+    try:
+        missing = set(missing_namespaces(lab))
+    except LabError as exc:
+        return [Unreachable(c.host, str(exc)) for c in commands]
+    return [Unreachable(c.host, f"namespace {spec.namespaces[c.host]} of lab '{lab.name}' is "
+                        "missing") for c in commands if spec.namespaces[c.host] in missing]
+
+
+def _ssh_unreachable(commands: list[HostCommand]) -> list[Unreachable]:
+    """`ssh HOST true` to every host at once; the ones that fail, with ssh's last words."""
+    checks: list[tuple[HostCommand, subprocess.Popen[str]]] = []
+    try:
+        for c in commands:
+            argv = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={SSH_CHECK_TIMEOUT_S}",
+                    "--", c.address, "true"]
+            checks.append((c, subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                               stdout=subprocess.DEVNULL,
+                                               stderr=subprocess.PIPE, text=True)))
+    except FileNotFoundError:
+        return [Unreachable(c.host, "ssh is not installed") for c in commands]
+    deadline = time.monotonic() + SSH_CHECK_WAIT_S
+    verdicts = [_ssh_verdict(c, p, deadline) for c, p in checks]
+    return [u for u in verdicts if u is not None]
+
+
+def _ssh_verdict(command: HostCommand, process: subprocess.Popen[str],
+                 deadline: float) -> Unreachable | None:
+    try:
+        _, err = process.communicate(timeout=max(0.1, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        return Unreachable(command.host, f"ssh {command.address}: no answer in "
+                           f"{SSH_CHECK_WAIT_S} s")
+    if process.returncode == 0:
+        return None
+    last = (err.strip().splitlines() or [f"exit status {process.returncode}"])[-1]
+    return Unreachable(command.host, f"ssh {command.address}: {last}")

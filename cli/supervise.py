@@ -1,0 +1,266 @@
+"""Running every host's command at once and stopping them all when one fails.
+
+This module owns the life of a launch: each host's command starts in its own process
+group (argv lists, never a shell), its stdout and stderr lines stream through with a
+`[host] ` prefix, and the processes are polled every `poll_s`. The first host that exits
+non-zero or by a signal is the failure: the others get SIGTERM (torchrun passes it on to
+its workers), and whatever still runs after `grace_s` gets SIGKILL, including workers
+that torchrun started in sessions of their own. Ctrl-C or SIGTERM to the launcher stops
+everything the same way. The outcome names the failed host and why.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from typing import IO, TextIO
+
+import psutil
+
+from cli.torchrun import HostCommand
+
+POLL_S = 0.2
+GRACE_S = 5.0
+SNAPSHOT_EVERY_S = 1.0
+READER_JOIN_S = 2.0
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+
+class Interrupted(Exception):
+    """The launcher itself was asked to stop (Ctrl-C, SIGTERM)."""
+
+
+@dataclass
+class Printer:
+    """Prefixed, line-at-a-time output shared by the reader threads."""
+
+    out: TextIO
+    err: TextIO
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def line(self, text: str, *, error: bool = False) -> None:
+        stream = self.err if error else self.out
+        with self.lock:
+            stream.write(text + "\n")
+            stream.flush()
+
+    def note(self, text: str) -> None:
+        self.line(f"[launch] {text}", error=True)
+
+
+@dataclass
+class HostProcess:
+    """One started host: its process, its reader threads, the descendants seen so far."""
+
+    command: HostCommand
+    process: subprocess.Popen[bytes]
+    readers: list[threading.Thread]
+    descendants: dict[int, psutil.Process] = field(default_factory=dict)
+    stopped: bool = False
+
+    @property
+    def host(self) -> str:
+        return self.command.host
+
+    def snapshot(self) -> None:
+        """Remember the process tree, so workers outlive nothing if torchrun itself dies."""
+        try:
+            children = psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.Error:
+            return
+        for child in children:
+            self.descendants.setdefault(child.pid, child)
+
+
+@dataclass(frozen=True)
+class HostResult:
+    host: str
+    returncode: int | None
+    stopped: bool
+
+    def describe(self) -> str:
+        if self.returncode is None:
+            return "did not start"
+        if self.stopped and self.returncode != 0:
+            return f"stopped by the launcher ({exit_reason(self.returncode)})"
+        return "finished" if self.returncode == 0 else exit_reason(self.returncode)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How the launch ended: every host's result, the failed host and why, if any."""
+
+    results: tuple[HostResult, ...]
+    failed_host: str | None = None
+    reason: str = ""
+    interrupted: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return EXIT_INTERRUPTED
+        return EXIT_FAILED if self.failed_host is not None else 0
+
+
+def exit_reason(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = str(-returncode)
+        return f"killed by signal {name}"
+    return f"exit status {returncode}"
+
+
+def supervise(commands: Sequence[HostCommand], printer: Printer, *, poll_s: float = POLL_S,
+              grace_s: float = GRACE_S) -> Outcome:
+    """Run every host's command until all succeed, one fails, or the launcher is stopped."""
+    running: list[HostProcess] = []
+    failed_host, reason, interrupted = None, "", False
+    try:
+        with _stop_on_signals():
+            failed_host, reason = _start_all(commands, printer, running)
+            failed = _watch(running, poll_s) if failed_host is None else None
+            if failed is not None:
+                failed_host, reason = failed.host, exit_reason(failed.process.returncode)
+    except Interrupted as exc:
+        interrupted, reason = True, f"the launcher got {exc}"
+    except KeyboardInterrupt:
+        interrupted, reason = True, "the launcher was interrupted (Ctrl-C)"
+    finally:
+        _stop_all(running, grace_s, printer)
+    results = {hp.host: HostResult(hp.host, hp.process.returncode, hp.stopped) for hp in running}
+    return Outcome(
+        tuple(results.get(c.host, HostResult(c.host, None, False)) for c in commands),
+        failed_host, reason, interrupted)
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    """Turn SIGTERM and SIGHUP into `Interrupted` while supervising (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise Interrupted(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+def _start_all(commands: Sequence[HostCommand], printer: Printer,
+               running: list[HostProcess]) -> tuple[str | None, str]:
+    """Start every host into `running`; on a command that cannot start: its host and why."""
+    for command in commands:
+        try:
+            running.append(_start(command, printer))
+        except OSError as exc:
+            return command.host, f"cannot start {command.argv[0]}: {exc}"
+    return None, ""
+
+
+def _start(command: HostCommand, printer: Printer) -> HostProcess:
+    env = {**os.environ, **command.popen_env}
+    process = subprocess.Popen(list(command.argv), env=env, stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               start_new_session=True)
+    printer.note(f"{command.host}: started (pid {process.pid})")
+    assert process.stdout is not None and process.stderr is not None
+    readers = [_reader(process.stdout, command.host, printer, error=False),
+               _reader(process.stderr, command.host, printer, error=True)]
+    return HostProcess(command, process, readers)
+
+
+def _reader(pipe: IO[bytes], host: str, printer: Printer, *, error: bool) -> threading.Thread:
+    def pump() -> None:
+        with pipe:
+            for raw in iter(pipe.readline, b""):
+                text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+                printer.line(f"[{host}] {text}", error=error)
+
+    thread = threading.Thread(target=pump, name=f"launch-{host}-{'err' if error else 'out'}",
+                              daemon=True)
+    thread.start()
+    return thread
+
+
+def _watch(running: list[HostProcess], poll_s: float) -> HostProcess | None:
+    """Poll until every host exited 0 (None) or one failed (that host)."""
+    last_snapshot = 0.0
+    while True:
+        now = time.monotonic()
+        if now - last_snapshot >= SNAPSHOT_EVERY_S:
+            for hp in running:
+                hp.snapshot()
+            last_snapshot = now
+        codes = [hp.process.poll() for hp in running]
+        for hp, code in zip(running, codes, strict=True):
+            if code is not None and code != 0:
+                return hp
+        if all(code == 0 for code in codes):
+            return None
+        time.sleep(poll_s)
+
+
+def _stop_all(running: list[HostProcess], grace_s: float, printer: Printer) -> None:
+    """SIGTERM every process group still alive, SIGKILL what remains after `grace_s`."""
+    for hp in running:
+        if hp.process.poll() is None:
+            hp.stopped = True
+            hp.snapshot()
+            _signal_group(hp.process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for hp in running:
+        try:
+            hp.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            printer.note(f"{hp.host}: still running after {grace_s:g} s, killing it")
+    for hp in running:
+        if hp.stopped or hp.process.poll() != 0:
+            _signal_group(hp.process.pid, signal.SIGKILL)
+        for child in hp.descendants.values():
+            _kill(child)
+        hp.process.wait()
+    for hp in running:
+        for reader in hp.readers:
+            reader.join(timeout=READER_JOIN_S)
+
+
+def _signal_group(pgid: int, signum: signal.Signals) -> None:
+    with suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signum)
+
+
+def _kill(process: psutil.Process) -> None:
+    with suppress(psutil.Error):
+        process.kill()
+
+
+def report(outcome: Outcome, printer: Printer) -> None:
+    """One line per host, then the verdict."""
+    for result in outcome.results:
+        printer.note(f"{result.host}: {result.describe()}")
+    if outcome.interrupted:
+        printer.note(f"stopped every host: {outcome.reason}")
+    elif outcome.failed_host is not None:
+        printer.note(f"host {outcome.failed_host} failed: {outcome.reason}; "
+                     "stopped the other hosts")
+    else:
+        printer.note(f"all {len(outcome.results)} hosts finished")
+
+
+def stdio_printer() -> Printer:
+    return Printer(sys.stdout, sys.stderr)
