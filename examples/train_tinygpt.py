@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import sysconfig
+import time
 from pathlib import Path
 
 import torch
@@ -123,7 +124,7 @@ def main() -> None:
         checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
         log_every=args.log_every)
     train, held_out = stdlib_text(args.corpus_bytes)
-    curve = []
+    curve, start = [], time.perf_counter()
     for step in trainer.steps():
         warm = min(1.0, (step + 1) / args.warmup)
         decay = 0.5 * (1 + math.cos(math.pi * step / args.steps))
@@ -135,12 +136,13 @@ def main() -> None:
         if log is not None:
             curve.append(vars(log))
     trainer.finish()
+    train_s = time.perf_counter() - start
     if trainer.gather_model(model):
         loss = eval_loss(model, held_out, m.seq_len)
         print(f"eval loss {loss:.4f} after {args.steps} steps", flush=True)
         if args.metrics:
             Path(args.metrics).write_text(json.dumps(
-                {"eval_loss": loss, "steps": args.steps, "curve": curve,
+                {"eval_loss": loss, "steps": args.steps, "train_s": train_s, "curve": curve,
                  "resumed_from": trainer.start_step}, indent=2))
     torch.distributed.destroy_process_group()
 

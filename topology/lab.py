@@ -403,6 +403,18 @@ def run_command(argv: Sequence[str], *, what: str | None = None) -> str:
     return done.stdout
 
 
+def wan_bytes_sent(state: LabState) -> dict[str, int]:
+    """Bytes each site's router has sent onto the WAN so far, read from the kernel's
+    counters of its `wan0` interface (every byte between sites crosses one of them once,
+    headers included)."""
+    sent = {}
+    for site, router in state.routers.items():
+        out = run_command(["ip", "-n", router, "-j", "-s", "link", "show", ROUTER_WAN_INTERFACE],
+                          what=f"read the WAN counters of site {site}")
+        sent[site] = int(json.loads(out)[0]["stats64"]["tx"]["bytes"])
+    return sent
+
+
 def existing_namespaces() -> set[str]:
     """Names of the network namespaces `ip netns` knows (the ones with a name)."""
     out = run_command(["ip", "-j", "netns", "list"]).strip()
