@@ -70,7 +70,7 @@ def main() -> None:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        window.append(float(loss))
+        window.append(loss.item())
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             total = torch.tensor([sum(window) / len(window)])
             dist.all_reduce(total)

@@ -164,7 +164,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
             "dtype": "fp32",
             "tie_embeddings": True,
         },
-        {"global_batch": 64, "microbatch": 8, "steps": 200},
+        {"global_batch": 16, "microbatch": 4, "steps": 200},
     ),
     "gpt-1.3b": _preset(
         {

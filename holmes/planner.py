@@ -188,7 +188,10 @@ def _syncs(layout: Layout, wanted: Sync) -> list[str]:
 
 def _best(candidates: list[Estimate], wanted: Sync) -> Estimate:
     """The fastest candidate; with `auto` sync, the fastest without DiLoCo when it is
-    within ALLREDUCE_TOLERANCE of the fastest overall."""
+    within ALLREDUCE_TOLERANCE of the fastest overall; with `diloco`, the fastest DiLoCo
+    candidate when there is one (a forced choice, even if it is slower)."""
+    if wanted == "diloco":
+        candidates = [e for e in candidates if e.sync == "diloco"] or candidates
     fastest = min(candidates, key=lambda e: e.step_s)
     plain = [e for e in candidates if e.sync != "diloco"]
     if wanted != "auto" or not plain:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,7 @@ class PlanRun:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         device = _device_of(plan, host, local_rank)
         if not dist.is_initialized():
-            dist.init_process_group(backend=_backend(plan))
+            _init_default_group(_backend(plan))
         plan_ranks = plan.rank_of()
         gathered: list[object] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, plan_ranks[device])
@@ -118,6 +119,23 @@ def _device_of(plan: Plan, host: str, local_rank: int) -> str:
                                    f"{len(entry.devices)} device(s)")
             return entry.devices[local_rank]
     raise RuntimeError(f"HETSCHED_HOST={host} is not a host of the plan's launch section")
+
+
+def _init_default_group(backend: str) -> None:
+    """Join the default group. Under torchrun's agent store the workers of one attempt
+    must share a key prefix; torchrun derives it from each agent's restart count, which
+    differs between hosts after one host's worker failed (only that agent counts a
+    restart), so the restarted workers would never meet. Instead every worker counts
+    itself in on the agent store: arrivals 1..W are attempt 0, W+1..2W attempt 1, ..."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
+        dist.init_process_group(backend=backend)
+        return
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          is_master=False, timeout=timedelta(minutes=5))
+    attempt = (store.add("hetsched/arrivals", 1) - 1) // world
+    dist.init_process_group(backend=backend, store=dist.PrefixStore(
+        f"hetsched/attempt_{attempt}", store), rank=rank, world_size=world)
 
 
 def _backend(plan: Plan) -> str:

@@ -123,9 +123,10 @@ class Trainer:
         mine = {name: p.detach().cpu() for name, p in self.pipeline.named_parameters()}
         if self.run.placement.replica != 0 or self.run.placement.lane != 0:
             mine = {}
-        gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, mine)
-        if dist.get_rank() != 0:
+        gathered: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 \
+            else None
+        dist.gather_object(mine, gathered, dst=0)
+        if gathered is None:
             return False
         merged = {name: t for part in gathered for name, t in part.items()}
         for name, param in model.named_parameters():
@@ -151,7 +152,7 @@ class Trainer:
         if self.run.plan.sync != "diloco":
             return
         merged = self.diloco.step() if self.diloco is not None else []
-        if _any_rank(bool(merged)):
+        if _needs_stage_broadcast(self.run) and _any_rank(bool(merged)):
             self._broadcast_in_stage()
 
     def _broadcast_in_stage(self) -> None:
@@ -192,7 +193,7 @@ class Trainer:
         counts = Counter(self.bytes)
         if self.diloco is not None:
             group = self.run.group_of_kind("diloco")
-            counts[self._group_class(group)] += self.diloco.ledger.summary().sent
+            counts[self._group_class(group)] += self.diloco.ledger.summary(kind=None).sent
         return counts
 
     # ---- logs and checkpoints

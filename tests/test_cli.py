@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from cli.demo import lab_available
+from topology.lab import existing_namespaces
 
 FIXTURE = Path(__file__).parent / "fixtures" / "topology_small.yaml"
 
@@ -82,8 +87,23 @@ def test_probe_agent_refuses_bad_listen_address(tmp_path: Path) -> None:
     assert done.returncode == 2 and "--listen: bad port" in done.stderr
 
 
-def test_demo_local_writes_a_topology(tmp_path: Path) -> None:
-    done = hetsched("demo", "--local", "-o", str(tmp_path / "d"))
-    assert done.returncode == 0, done.stderr
+def test_demo_local_plans_and_trains_on_loopback(tmp_path: Path) -> None:
+    done = hetsched("demo", "--local", "--steps", "6", "-o", str(tmp_path / "d"))
+    assert done.returncode == 0, done.stderr[-3000:]
     assert "links are NOT shaped" in done.stderr
     assert "hosts:" in (tmp_path / "d" / "topology.yaml").read_text()
+    assert "loss curve" in done.stdout and "tokens/s" in done.stdout
+    metrics = json.loads((tmp_path / "d" / "metrics.json").read_text())
+    assert [entry["step"] for entry in metrics["curve"]][-1] == 6
+    assert math.isfinite(metrics["eval_loss"])
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not lab_available(), reason="needs root, ip and tc for the lab")
+def test_demo_in_the_lab_trains_and_reads_the_wan_counters(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "cli", "demo", "--steps", "10", "-o",
+                           str(tmp_path / "d")], capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "crossed the WAN (the kernel's counters" in done.stdout
+    assert "lab down" in done.stderr
+    assert not [ns for ns in existing_namespaces() if ns.startswith("hs-demo-")]

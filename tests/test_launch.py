@@ -312,7 +312,7 @@ def lab_topology() -> dict[str, Any]:
 @pytest.mark.root
 @root
 def test_launch_in_the_lab_runs_each_host_in_its_namespace(tmp_path: Path) -> None:
-    plan = make_plan(tmp_path, lab_topology(), "-m", "tiny-gpt")
+    plan = make_plan(tmp_path, lab_topology(), "-m", "tiny-gpt", "--stages", "3")
     spec = two_site_spec(unique_name("launch"), 1000, 100)
     with running(spec):
         done = hetsched("launch", str(plan), "--via", "lab", "--lab", spec.name, "--",
