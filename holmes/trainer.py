@@ -47,6 +47,7 @@ from topology.errors import InputError
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 KEEP_CHECKPOINTS = 2
+_CLASS_ORDER = ["intra_host", "intra_site", "inter_site"]  # slowest last
 
 
 @dataclass
@@ -273,9 +274,6 @@ class Trainer:
 
 
 # ---- helpers
-
-
-_CLASS_ORDER = ["intra_host", "intra_site", "inter_site"]
 
 
 def _grad(param: nn.Parameter) -> Tensor:
