@@ -61,6 +61,7 @@ class Estimate:
     routes: list[list[Route]]
     simulation: SimResult
     notes: list[str] = field(default_factory=list)
+    in_flight: dict[str, int] | None = None  # per-device caps when not 1F1B's
 
     @property
     def step_s(self) -> float:
@@ -231,7 +232,8 @@ def estimate(layout: Layout, partition: Partition, ctx: Context, sync: str,
         bubble_fraction=max(r.bubble_fraction() for r in results),
         bytes_per_step=dict(bytes_per_step), memory_gb=_memory_gb(layout, partition, ctx,
                                                                    in_flight),
-        routes=all_routes, simulation=results[0], notes=notes)
+        routes=all_routes, simulation=results[0], notes=notes,
+        in_flight=dict(in_flight) if in_flight else None)
 
 
 def full_pipeline_specs(est: Estimate, ctx: Context,

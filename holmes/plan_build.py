@@ -9,7 +9,7 @@ the NICs its hosts share (`holmes.nics`).
 
 from __future__ import annotations
 
-from holmes.estimate import Estimate, memory_in_flight
+from holmes.estimate import Estimate
 from holmes.network import host_of
 from holmes.nics import group_env
 from holmes.plan import (
@@ -135,10 +135,8 @@ def _skipping(decision: Decision) -> Skipping | None:
     choice, full = decision.skip, decision.full_pipeline
     if choice is None or full is None:
         return None
-    chosen = decision.chosen
     return Skipping(ratio=choice.ratio, max_swaps=choice.max_swaps, seed=choice.seed,
-                    in_flight=memory_in_flight(chosen.layout, chosen.partition,
-                                               decision.context),
+                    in_flight=decision.chosen.in_flight or {},
                     full_pipeline_s=round(full.step_s, 6))
 
 

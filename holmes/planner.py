@@ -21,7 +21,6 @@ from holmes.estimate import (
     DilocoChoice,
     Estimate,
     estimate,
-    memory_in_flight,
     partition_for,
 )
 from holmes.fabric import Fabric, find_fabrics
@@ -35,7 +34,7 @@ from holmes.placement import (
     geo_layout,
     naive_layout,
 )
-from holmes.skipping import SkipChoice, skip_estimate, with_origin_loss
+from holmes.skipping import SkipChoice, skip_estimate
 from topology.errors import InputError
 from topology.schema import Topology
 
@@ -102,13 +101,11 @@ def _with_skipping(decision: Decision, choice: SkipChoice) -> Decision:
     full-pipeline estimate (head at the origin, same memory) for comparison."""
     ctx = decision.context
     try:
-        skipped, _ = skip_estimate(decision.chosen, ctx, choice)
+        skipped = skip_estimate(decision.chosen, ctx, choice)
     except ValueError as exc:
         raise InputError(str(exc), field="--skip-ratio") from exc
-    full = with_origin_loss(decision.chosen, ctx)
-    caps = memory_in_flight(full.layout, full.partition, ctx)
-    full = estimate(full.layout, full.partition, ctx, full.sync, in_flight=caps)
-    return replace(decision, chosen=skipped, full_pipeline=full, skip=choice)
+    return replace(decision, chosen=skipped.estimate, full_pipeline=skipped.full_pipeline,
+                   skip=choice)
 
 
 def _require_devices(topology: Topology, config: ModelConfig) -> None:

@@ -10,6 +10,7 @@ stage is moved to `loss_at="origin"` and its layers are split again first.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from holmes.estimate import (
@@ -44,11 +45,13 @@ def with_origin_loss(est: Estimate, ctx: Context) -> Estimate:
     return estimate(layout, partition_for(layout, ctx), ctx, est.sync)
 
 
-def path_problems(est: Estimate, ctx: Context, choice: SkipChoice) -> list[PathProblem]:
+def path_problems(est: Estimate, ctx: Context, choice: SkipChoice,
+                  caps: Mapping[str, int] | None = None) -> list[PathProblem]:
     """One `PathProblem` per replica of `est` (whose loss must be at the origin); each
-    device may hold as many microbatches as its memory allows (`memory_in_flight`)."""
+    device may hold `caps[device]` microbatches (default: as many as its memory allows,
+    `memory_in_flight`)."""
     problems = []
-    caps = memory_in_flight(est.layout, est.partition, ctx)
+    caps = caps if caps is not None else memory_in_flight(est.layout, est.partition, ctx)
     specs = full_pipeline_specs(est, ctx, caps)
     for stages, spec in zip(est.layout.replicas, specs, strict=True):
         origins = {d: [r.microbatch for r in spec.routes if r.nodes[0] == d]
@@ -63,16 +66,28 @@ def path_problems(est: Estimate, ctx: Context, choice: SkipChoice) -> list[PathP
     return problems
 
 
-def skip_estimate(est: Estimate, ctx: Context, choice: SkipChoice
-                  ) -> tuple[Estimate, list[PathSchedule]]:
+@dataclass
+class Skipped:
+    """A layout with skip routes, the same layout with full routes (same layers and
+    memory caps, the baseline), and the schedules that made the routes."""
+
+    estimate: Estimate
+    full_pipeline: Estimate
+    schedules: list[PathSchedule]
+
+
+def skip_estimate(est: Estimate, ctx: Context, choice: SkipChoice) -> Skipped:
     """`est` re-estimated with collision-aware skip routes in every replica."""
     base = with_origin_loss(est, ctx)
+    caps = memory_in_flight(base.layout, base.partition, ctx)
     schedules = [schedule_paths(problem, seed=choice.seed, iterations=choice.iterations)
-                 for problem in path_problems(base, ctx, choice)]
+                 for problem in path_problems(base, ctx, choice, caps)]
     routes = [schedule.routes for schedule in schedules]
     description = (f"{base.layout.description}; skip ratio {choice.ratio:g}, "
                    f"at most {choice.max_swaps} swaps")
     layout = replace(base.layout, description=description)
-    caps = memory_in_flight(base.layout, base.partition, ctx)
-    return estimate(layout, base.partition, ctx, base.sync, routes=routes,
-                    in_flight=caps), schedules
+    return Skipped(
+        estimate=estimate(layout, base.partition, ctx, base.sync, routes=routes,
+                          in_flight=caps),
+        full_pipeline=estimate(base.layout, base.partition, ctx, base.sync, in_flight=caps),
+        schedules=schedules)

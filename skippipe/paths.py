@@ -387,11 +387,9 @@ def _planned_draft(problem: PathProblem, order: Sequence[tuple[int, str]], costs
 class _Search:
     """Seeded local search over drafts, scored by the simulator."""
 
-    def __init__(self, problem: PathProblem, stage_of: Mapping[str, int], seed: int,
-                 costs: _Costs) -> None:
+    def __init__(self, problem: PathProblem, seed: int, costs: _Costs) -> None:
         self.problem = problem
         self.costs = costs
-        self.stage_of = stage_of
         self.rng = random.Random(seed)
         self.evaluations = 0
         self.usable = [[n for n in stage if _limit(problem, n) >= 1]
@@ -530,7 +528,7 @@ def schedule_paths(problem: PathProblem, seed: int = 0,
     stage_of = _check_problem(problem)
     order = _interleaved(problem)
     costs = _Costs(problem)
-    search = _Search(problem, stage_of, seed, costs)
+    search = _Search(problem, seed, costs)
     starts = [_planned_draft(problem, order, costs, weight) for weight in START_WEIGHTS]
     if problem.visits_per_route() == len(problem.stages) - 1:
         starts.append(_Draft({mb: o for mb, o in order},
