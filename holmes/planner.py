@@ -103,7 +103,8 @@ def _with_skipping(decision: Decision, choice: SkipChoice) -> Decision:
     try:
         skipped = skip_estimate(decision.chosen, ctx, choice)
     except ValueError as exc:
-        raise InputError(str(exc), field="--skip-ratio") from exc
+        option = "--max-swaps" if str(exc).startswith("max swaps") else "--skip-ratio"
+        raise InputError(str(exc), field=option) from exc
     return replace(decision, chosen=skipped.estimate, full_pipeline=skipped.full_pipeline,
                    skip=choice)
 
