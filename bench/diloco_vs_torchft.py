@@ -49,14 +49,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.diloco_tinygpt import (  # noqa: E402
     MethodResult,
     RunSpec,
-    lr_at,
     method_specs,
     parse_args,
     prepare_corpus,
     run_method,
 )
 from bench.tinygpt import TinyGPT, TinyGPTConfig, batch_at, eval_loss  # noqa: E402
+from bench.workers import cosine_lr  # noqa: E402
 from diloco import split_fragments  # noqa: E402
+
+TORCHFT_STEPS = 1000  # inner steps by default: the comparison needs no more than this
 
 
 def torchft_status(path: str | None) -> str | None:
@@ -154,7 +156,7 @@ def torchft_replica(spec: RunSpec, rank: int) -> dict:
     ) as diloco:
         for step in range(spec.steps):
             for group in inner.param_groups:
-                group["lr"] = lr_at(step, spec)
+                group["lr"] = cosine_lr(step, spec.lr, spec.warmup, spec.steps)
             x, y = batch_at(corpus["train"], step, spec.batch_size, config.block_size, stream_seed)
             _, loss = model(x, y)
             loss.backward()
@@ -273,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     parser_argv = list(sys.argv[1:] if argv is None else argv)
     torchft_path = _pop_option(parser_argv, "--torchft-path")
     worker = _pop_option(parser_argv, "--torchft-worker")
-    args = parse_args(parser_argv)
+    args = parse_args(parser_argv, steps=TORCHFT_STEPS)
     if worker is not None:
         worker_main(args.worker_spec, args.worker_rank, torchft_path)
         return 0

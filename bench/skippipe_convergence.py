@@ -22,13 +22,9 @@ reports ~7% for its skip-trained models). Exit status 0 if the target is met, 1 
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import json
 import math
-import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +37,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.tinygpt import TinyGPT, TinyGPTConfig, batch_at, stdlib_corpus  # noqa: E402
+from bench.workers import cosine_lr, free_port, init_gloo, spawn_ranks  # noqa: E402
 from skippipe.paths import PathProblem, schedule_paths  # noqa: E402
 from skippipe.runtime import PipelineRuntime, PipelineSchedule, forward_route  # noqa: E402
 from skippipe.simulate import Route  # noqa: E402
@@ -91,14 +88,6 @@ class RunResult:
 # ---- one rank ---------------------------------------------------------------------------
 
 
-def lr_at(step: int, spec: RunSpec) -> float:
-    """Linear warmup, then cosine decay to 10% of the peak."""
-    if step < spec.warmup:
-        return spec.lr * (step + 1) / spec.warmup
-    progress = (step - spec.warmup) / max(spec.steps - spec.warmup, 1)
-    return spec.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(progress, 1.0))))
-
-
 def make_schedule(spec: RunSpec) -> PipelineSchedule:
     nodes = [node for stage in spec.stages for node in stage]
     return PipelineSchedule(
@@ -126,7 +115,7 @@ def train_rank(spec: RunSpec, rank: int) -> dict:
     started = time.perf_counter()
     for step in range(spec.steps):
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, spec)
+            group["lr"] = cosine_lr(step, spec.lr, spec.warmup, spec.steps)
         batches = {
             mb: batch_at(
                 corpus["train"],
@@ -155,14 +144,7 @@ def train_rank(spec: RunSpec, rank: int) -> dict:
 def worker_main(spec_path: str, rank: int) -> None:
     torch.set_num_threads(1)
     spec = RunSpec(**json.loads(Path(spec_path).read_text()))
-    world = sum(len(stage) for stage in spec.stages)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{spec.port}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=300),
-    )
+    init_gloo(spec.port, rank, sum(len(stage) for stage in spec.stages))
     torch.save(train_rank(spec, rank), Path(spec.out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -215,12 +197,6 @@ def evaluate(spec: RunSpec, model: TinyGPT, data: torch.Tensor) -> tuple[float, 
 # ---- the driver -------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(spec: RunSpec, work_dir: Path, eval_data: torch.Tensor) -> RunResult:
     """Train `spec` with one process per node, then evaluate the assembled model."""
     out = work_dir / spec.name
@@ -228,18 +204,8 @@ def run(spec: RunSpec, work_dir: Path, eval_data: torch.Tensor) -> RunResult:
     spec.port, spec.out_dir = free_port(), str(out)
     spec_path = out / "spec.json"
     spec_path.write_text(json.dumps(asdict(spec)))
-    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
     world = sum(len(stage) for stage in spec.stages)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, "--worker-spec", str(spec_path), "--worker-rank", str(r)],
-            env=env,
-        )
-        for r in range(world)
-    ]
-    codes = [p.wait() for p in procs]
-    if any(codes):
-        raise SystemExit(f"{spec.name}: rank exit codes {codes}")
+    spawn_ranks(__file__, spec_path, world, spec.name)
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
     full, half = evaluate(spec, assemble(spec, ranks), eval_data)
     train = [loss for r in ranks for loss in r["train_losses"][-50:]]
