@@ -350,9 +350,12 @@ def _sync_cost(layout: Layout, partition: Partition, ctx: Context, sync: str,
         bandwidth *= _parallel_rings(layout, s)
         grads = _gradient_bytes(ctx, partition.layers[s], _holds(layout, s))
         group_class = _group_class(ctx, across)
-        if sync == "allreduce":
+        if sync == "allreduce":  # one shard per lane, then a broadcast in each stage
             seconds = max(seconds, costs.allreduce_seconds(grads, replicas, latency, bandwidth))
-            total[group_class] += 2 * (replicas - 1) * grads * len(layout.replicas[0][s])
+            total[group_class] += 2 * (replicas - 1) * grads
+            for replica in layout.replicas:
+                if len(replica[s]) > 1:
+                    total[_group_class(ctx, list(replica[s]))] += (len(replica[s]) - 1) * grads
             continue
         stall, moved = _diloco_stage_cost(ctx, partition.layers[s], _holds(layout, s),
                                           replicas, latency, bandwidth, iteration_s)

@@ -7,10 +7,11 @@
    along the plan's routes; each stage's gradients are summed over the stage's devices
    (the plan's `data` group) so every device of a stage holds the replica's gradient of
    its mean loss;
-2. between replicas, by the plan's `sync`: `allreduce` averages the gradients over the
-   `replica` group of this device's lane every step; `diloco` hands the parameters to
-   `diloco.DiLoCo` over the `diloco` group after the inner optimizer step (devices beyond
-   the narrowest replica's lanes copy the merged parameters from lane 0 of their stage);
+2. between replicas, by the plan's `sync`: `allreduce` averages the gradients every
+   step, each lane one shard over its `replica` group, then broadcast in the stage;
+   `diloco` hands the parameters to `diloco.DiLoCo` over the `diloco` group after the
+   inner optimizer step (devices beyond the narrowest replica's lanes copy the merged
+   parameters from lane 0 of their stage);
 3. every `log_every` steps rank 0 prints the mean loss, tokens/s and the bytes this job
    sent per link class (pipeline P2P as counted, ring all-reduce as 2(n-1)/n of the
    payload, DiLoCo as its ledger says; classes from the plan's topology: intra_host,
@@ -138,16 +139,40 @@ class Trainer:
     # ---- syncs
 
     def _sync_replicas_before_update(self) -> None:
-        group = self.run.group_of_kind("replica")
-        if self.run.plan.sync != "allreduce" or group is None:
+        """Average the stage's gradient over replicas, one shard per lane.
+
+        Every device of a stage holds the same gradient (the data group summed it), so
+        lane j all-reduces only shard j over its `replica` group and then broadcasts it
+        in the data group: the replicas exchange the gradient once, not once per lane.
+        """
+        if self.run.plan.sync != "allreduce" or len(self.run.plan.replicas) < 2:
             return
         flat = torch.cat([_grad(p).reshape(-1) for p in self.params])
-        dist.all_reduce(flat, group=group)
-        flat /= dist.get_world_size(group)
-        self._add_ring_bytes(group, flat)
+        lanes = self._synced_lanes()
+        shards = flat.tensor_split(len(lanes))
+        group = self.run.group_of_kind("replica")
+        if group is not None:
+            mine = shards[self.run.placement.lane]
+            dist.all_reduce(mine, group=group)
+            mine /= dist.get_world_size(group)
+            self._add_ring_bytes(group, mine)
+        data = self.run.group_of_kind("data")
+        if data is not None:
+            for device, shard in zip(lanes, shards, strict=True):
+                source = self.run.torch_rank_of[device]
+                dist.broadcast(shard, src=source, group=data)
+                if source == self.run.placement.torch_rank:
+                    self._add_broadcast_bytes(data, shard)
         for param, part in zip(self.params, flat.split([p.numel() for p in self.params]),
                                strict=True):
             param.grad = part.view_as(param)
+
+    def _synced_lanes(self) -> list[str]:
+        """This stage's devices that have a `replica` group: the narrowest replica's lanes."""
+        stage = self.run.placement.stage
+        width = min(len(self.run.plan.stage(r.stages[stage]).devices)
+                    for r in self.run.plan.replicas)
+        return self._stage_devices()[:width]
 
     def _sync_replicas_after_update(self) -> None:
         if self.run.plan.sync != "diloco":
@@ -182,6 +207,10 @@ class Trainer:
         n = dist.get_world_size(group)
         self.bytes[self._group_class(group)] += int(2 * (n - 1) / n * flat.numel()
                                                     * flat.element_size())
+
+    def _add_broadcast_bytes(self, group: dist.ProcessGroup, tensor: Tensor) -> None:
+        n = dist.get_world_size(group)
+        self.bytes[self._group_class(group)] += (n - 1) * tensor.numel() * tensor.element_size()
 
     def _group_class(self, group: dist.ProcessGroup) -> str:
         """The slowest link class between two members of `group`."""

@@ -22,7 +22,10 @@ from typing import Any
 
 import psutil
 import pytest
+import torch
 import yaml
+
+from diloco import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "examples" / "train_tinygpt.py")
@@ -96,6 +99,30 @@ def test_diloco_between_two_sites_trains_and_counts_wan_bytes(tmp_path: Path) ->
     last = figures["curve"][-1]
     assert last["bytes_per_class"].get("inter_site", 0) > 0  # DiLoCo exchanged fragments
     assert losses(figures["curve"])[8] < losses(figures["curve"])[1]
+
+
+def test_allreduce_between_sites_sends_one_shard_per_lane(tmp_path: Path) -> None:
+    # Two sites of two hosts: two replicas, one stage, two lanes. Each lane all-reduces
+    # half of the gradient over the WAN and broadcasts it in its site, so every rank ends
+    # with the same parameters and the WAN carries the gradient once, not once per lane.
+    # (with a WAN this fast the planner uses both sites as replicas)
+    plan = make_plan(tmp_path, topology({"a": ["a1", "a2"], "b": ["b1", "b2"]}, 5.0),
+                     "--stages", "1", "--sync", "allreduce")
+    data = yaml.safe_load(plan.read_text())
+    assert len(data["replicas"]) == 2
+    assert sorted(g["name"] for g in data["groups"] if g["kind"] == "replica") == [
+        "replica-s0-l0", "replica-s0-l1"]
+    steps = 4
+    figures = train(plan, tmp_path / "m.json", "--steps", str(steps),
+                    "--checkpoint-dir", str(tmp_path / "ckpt"))
+    final = tmp_path / "ckpt" / f"step-{steps:08d}"
+    states = [load_checkpoint(final / f"rank-{r}.pt")["params"] for r in range(4)]
+    for other in states[1:]:
+        assert other.keys() == states[0].keys()
+        assert all(torch.equal(other[name], states[0][name]) for name in states[0])
+    gradient_bytes = 4 * sum(t.numel() for t in states[0].values())
+    # ring all-reduce of half the gradient between 2 ranks: each rank sends that half
+    assert figures["curve"][-1]["bytes_per_class"]["inter_site"] == steps * 2 * gradient_bytes
 
 
 def read_lines(stream: Any, lines: queue.Queue[str]) -> None:
