@@ -144,6 +144,7 @@ def main() -> None:
             Path(args.metrics).write_text(json.dumps(
                 {"eval_loss": loss, "steps": args.steps, "train_s": train_s, "curve": curve,
                  "resumed_from": trainer.start_step}, indent=2))
+    torch.distributed.barrier()  # leave together: a rank that exits early can abort gloo
     torch.distributed.destroy_process_group()
 
 
