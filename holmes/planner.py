@@ -105,9 +105,8 @@ def _with_skipping(decision: Decision, choice: SkipChoice) -> Decision:
     except ValueError as exc:
         option = "--max-swaps" if str(exc).startswith("max swaps") else "--skip-ratio"
         raise InputError(str(exc), field=option) from exc
-    return replace(
-        decision, chosen=skipped.estimate, full_pipeline=skipped.full_pipeline, skip=choice
-    )
+    return replace(decision, chosen=skipped.estimate, full_pipeline=skipped.full_pipeline,
+                   skip=choice)
 
 
 def _require_devices(topology: Topology, config: ModelConfig) -> None:
@@ -119,11 +118,9 @@ def _require_devices(topology: Topology, config: ModelConfig) -> None:
     slow = [f"{h.name}:{d.name}" for h in topology.hosts for d in h.devices if d.tflops is None]
     if slow:
         more = f" (and {len(slow) - 1} more)" if len(slow) > 1 else ""
-        raise InputError(
-            f"device {slow[0]}{more} has no tflops, and model {config.model.name} "
-            "gives no seconds_per_layer_per_sample: probe with --flops or set one",
-            field="hosts[].devices[].tflops",
-        )
+        raise InputError(f"device {slow[0]}{more} has no tflops, and model {config.model.name} "
+                         "gives no seconds_per_layer_per_sample: probe with --flops or set one",
+                         field="hosts[].devices[].tflops")
 
 
 def _regime(fabrics: list[Fabric], wanted: Regime) -> str:
@@ -149,16 +146,14 @@ def _geo(ctx: Context, options: PlanOptions) -> Layout:
     model, training = ctx.config.model, ctx.config.training
     stages = options.stages or min(len(devices), model.layers, 8)
     if not 0 < stages <= len(devices):
-        raise InputError(
-            f"cannot make {stages} stages from {len(devices)} devices", field="--stages"
-        )
+        raise InputError(f"cannot make {stages} stages from {len(devices)} devices",
+                         field="--stages")
     per_stage_layers = max(1, model.layers // stages)
     grad_bytes = costs.TRAINING_BYTES_PER_PARAM[model.dtype][1]
     geo_costs = GeoCosts(
         stage_gradient_bytes=per_stage_layers * costs.layer_params(model) * grad_bytes,
         activation_bytes=costs.boundary_activation_bytes(model, training.microbatch),
-        microbatches=training.microbatches,
-    )
+        microbatches=training.microbatches)
     return geo_layout(devices, stages, ctx.network, geo_costs)
 
 
@@ -179,7 +174,8 @@ def refine_by_simulation(start: Estimate, ctx: Context, rounds: int, seed: int =
         if trial.step_s < best.step_s:
             best, kept = trial, kept + 1
     description = f"{start.layout.description}, refined by simulation ({kept} swaps kept)"
-    return estimate(replace(best.layout, description=description), best.partition, ctx, best.sync)
+    return estimate(replace(best.layout, description=description), best.partition, ctx,
+                    best.sync)
 
 
 def _syncs(layout: Layout, wanted: Sync) -> list[str]:
@@ -211,9 +207,8 @@ def naive_estimate(topology: Topology, config: ModelConfig, like: Estimate) -> E
     return naive_shape_estimate(topology, config, stages, dp, replicas)
 
 
-def naive_shape_estimate(
-    topology: Topology, config: ModelConfig, stages: int, dp: int, replicas: int = 1
-) -> Estimate:
+def naive_shape_estimate(topology: Topology, config: ModelConfig, stages: int, dp: int,
+                         replicas: int = 1) -> Estimate:
     """The naive placement (see `naive_estimate`) of `replicas` x `stages` x `dp` devices.
     With one replica this is exactly Megatron's rank order for pipeline depth `stages`."""
     fabrics = find_fabrics(topology)

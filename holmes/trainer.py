@@ -169,10 +169,7 @@ class Trainer:
 
     def _synced_lanes(self) -> list[str]:
         """This stage's devices that have a `replica` group: the narrowest replica's lanes."""
-        stage = self.run.placement.stage
-        width = min(len(self.run.plan.stage(r.stages[stage]).devices)
-                    for r in self.run.plan.replicas)
-        return self._stage_devices()[:width]
+        return self._stage_devices()[:min(_stage_widths(self.run))]
 
     def _sync_replicas_after_update(self) -> None:
         if self.run.plan.sync != "diloco":
@@ -321,11 +318,16 @@ def _all_ranks(flag: bool) -> bool:
     return bool(value.item())
 
 
+def _stage_widths(run: PlanRun) -> list[int]:
+    """Devices of this rank's stage in every replica (lanes beyond the least have no
+    cross-replica group)."""
+    return [len(run.plan.stage(r.stages[run.placement.stage]).devices)
+            for r in run.plan.replicas]
+
+
 def _needs_stage_broadcast(run: PlanRun) -> bool:
     """Whether some device of this stage is in no DiLoCo group (a wider replica)."""
-    widths = [len(run.plan.stage(r.stages[run.placement.stage]).devices)
-              for r in run.plan.replicas]
-    return len(set(widths)) > 1
+    return len(set(_stage_widths(run))) > 1
 
 
 def _make_diloco(run: PlanRun, params: list[nn.Parameter],
