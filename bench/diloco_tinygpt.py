@@ -239,6 +239,12 @@ def method_specs(args: argparse.Namespace, corpus_path: Path) -> list[RunSpec]:
             **outer,
         ),
     }
+    unknown = sorted(set(args.methods.split(",")) - set(diloco))
+    if unknown:
+        print(
+            f"--methods: unknown {', '.join(unknown)} (known: {', '.join(diloco)})", file=sys.stderr
+        )
+        raise SystemExit(2)
     return [
         RunSpec(
             method=m,
