@@ -28,6 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 from train_tinygpt import TinyGPT, batch, eval_loss, stdlib_text  # noqa: E402
 
+from holmes.runtime import exit_job  # noqa: E402
+
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -86,7 +88,7 @@ def main() -> None:
             Path(args.metrics).write_text(json.dumps(
                 {"eval_loss": loss, "train_s": train_s, "steps": args.steps, "curve": curve},
                 indent=2))
-    dist.destroy_process_group()
+    exit_job()  # without the interpreter's exit, where gloo's threads may abort it
 
 
 if __name__ == "__main__":

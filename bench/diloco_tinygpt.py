@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.tinygpt import TinyGPT, TinyGPTConfig, batch_at, eval_loss, stdlib_corpus  # noqa: E402
 from bench.workers import cosine_lr, free_port, init_gloo, spawn_ranks  # noqa: E402
 from diloco import ByteLedger, CountingComm, DiLoCo, DiLoCoConfig  # noqa: E402
+from holmes.runtime import exit_job  # noqa: E402
 
 METHODS = ("ddp", "diloco", "streaming")
 EXTRA_METHODS = ("local",)  # no communication: each replica alone (a reference point)
@@ -184,7 +185,7 @@ def worker_main(spec_path: str, rank: int) -> None:
     init_gloo(spec.port, rank, spec.replicas)
     result = train_replica(spec, rank)
     Path(spec.out_dir, f"rank{rank}.json").write_text(json.dumps(result))
-    dist.destroy_process_group()
+    exit_job()  # without the interpreter's exit, where gloo's threads may abort it
 
 
 # ---- the driver -------------------------------------------------------------------------

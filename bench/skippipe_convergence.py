@@ -32,12 +32,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.tinygpt import TinyGPT, TinyGPTConfig, batch_at, stdlib_corpus  # noqa: E402
 from bench.workers import cosine_lr, free_port, init_gloo, spawn_ranks  # noqa: E402
+from holmes.runtime import exit_job  # noqa: E402
 from skippipe.paths import PathProblem, schedule_paths  # noqa: E402
 from skippipe.runtime import PipelineRuntime, PipelineSchedule, forward_route  # noqa: E402
 from skippipe.simulate import Route  # noqa: E402
@@ -146,7 +146,7 @@ def worker_main(spec_path: str, rank: int) -> None:
     spec = RunSpec(**json.loads(Path(spec_path).read_text()))
     init_gloo(spec.port, rank, sum(len(stage) for stage in spec.stages))
     torch.save(train_rank(spec, rank), Path(spec.out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    exit_job()  # without the interpreter's exit, where gloo's threads may abort it
 
 
 # ---- evaluation -------------------------------------------------------------------------

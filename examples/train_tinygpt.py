@@ -138,14 +138,13 @@ def main() -> None:
     trainer.finish()
     train_s = time.perf_counter() - start
     if trainer.gather_model(model):
-        loss = eval_loss(model, held_out, m.seq_len)
+        loss = eval_loss(model.cpu(), held_out, m.seq_len)
         print(f"eval loss {loss:.4f} after {args.steps} steps", flush=True)
         if args.metrics:
             Path(args.metrics).write_text(json.dumps(
                 {"eval_loss": loss, "steps": args.steps, "train_s": train_s, "curve": curve,
                  "resumed_from": trainer.start_step}, indent=2))
-    torch.distributed.barrier()  # leave together: a rank that exits early can abort gloo
-    torch.distributed.destroy_process_group()
+    run.exit()  # every rank leaves together, without a gloo abort at interpreter exit
 
 
 if __name__ == "__main__":

@@ -6,13 +6,24 @@ it makes, `holmes.trainer`). `PlanRun.from_env()`:
 1. reads `HETSCHED_PLAN` and `HETSCHED_HOST` (set by `hetsched launch`) and torchrun's
    `RANK`, `WORLD_SIZE`, `LOCAL_RANK`; this process is device `LOCAL_RANK` of its host in
    the plan's `launch` section;
-2. joins the default process group (gloo for CPU devices, NCCL for GPUs);
+2. makes its GPU the current CUDA device, then joins the default process group (gloo
+   for CPU devices; for GPUs NCCL, with gloo beside it for CPU tensors);
 3. maps the plan's ranks (launch order) to torchrun's ranks with one all-gather, because
    torchrun's c10d rendezvous numbers hosts in arrival order, not by `--node-rank`;
 4. creates every group of the plan (`pipeline`, `data`, `replica`, `diloco`) in plan
    order on every rank, as `torch.distributed.new_group` requires;
 5. builds this replica's `skippipe.runtime.PipelineSchedule` from the plan's stages,
    layer ranges and `paths` (with the skip plan's memory caps when there are any).
+
+A script ends with `run.exit()` (`exit_job()` without a plan): every rank waits for the
+others, the process groups are destroyed and the process exits without finalizing the
+interpreter. A gloo worker thread drops a finished collective's work only after `wait()`
+has returned; when that is the last reference to a tensor made in Python, the thread
+takes the GIL to free it. If the interpreter is finalizing by then, Python ends the
+thread inside a noexcept destructor: `terminate called without an active exception`,
+SIGABRT, and torchrun fails the host after training succeeded. `destroy_process_group()`
+does not stop those threads (torch itself keeps the default group referenced), so the
+exit must not finalize.
 
 Each group's NCCL settings are process-wide environment variables, which the launcher
 sets per host (NCCL reads them when a communicator is created); this module does not
@@ -21,11 +32,14 @@ change the environment.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -68,6 +82,7 @@ class PlanRun:
         host = _require_env("HETSCHED_HOST")
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         device = _device_of(plan, host, local_rank)
+        _use_device(device)
         if not dist.is_initialized():
             _init_default_group(_backend(plan))
         plan_ranks = plan.rank_of()
@@ -97,11 +112,26 @@ class PlanRun:
                 return self.groups[group.name]
         return None
 
+    def exit(self, code: int = 0) -> NoReturn:
+        """The last call of a training script, on every rank: see `exit_job`."""
+        exit_job(code)
+
     def torch_device(self) -> torch.device:
-        name = self.placement.device.split(":", 1)[1]
-        if name.startswith("cuda") and torch.cuda.is_available():
-            return torch.device(f"cuda:{name[4:] or 0}")
-        return torch.device("cpu")
+        index = _cuda_index(self.placement.device)
+        return torch.device("cpu") if index is None else torch.device("cuda", index)
+
+
+def exit_job(code: int = 0) -> NoReturn:
+    """Leave the job together and end this process with `code`, without finalizing the
+    interpreter (see the module docstring: gloo's worker threads may still be freeing
+    the last collective's tensors). Every rank must call it; files must be closed."""
+    if dist.is_initialized():
+        dist.barrier()  # no rank leaves while another still talks to it
+        dist.destroy_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _require_env(name: str) -> str:
@@ -119,6 +149,24 @@ def _device_of(plan: Plan, host: str, local_rank: int) -> str:
                                    f"{len(entry.devices)} device(s)")
             return entry.devices[local_rank]
     raise RuntimeError(f"HETSCHED_HOST={host} is not a host of the plan's launch section")
+
+
+def _cuda_index(device: str) -> int | None:
+    """N of a plan GPU `host:cudaN` (the examples' names) or `host:gpuN` (what `hetsched
+    probe local` records) when CUDA is available here; None for a CPU device."""
+    match = re.fullmatch(r"(?:cuda|gpu)(\d*)", device.split(":", 1)[1])
+    if match is None or not torch.cuda.is_available():
+        return None
+    return int(match.group(1) or 0)
+
+
+def _use_device(device: str) -> None:
+    """Make a plan GPU this process's current CUDA device. NCCL's object collectives
+    (the rank all-gather in `from_env`) and every NCCL group use the current device; left
+    at its default, every process of a multi-GPU host would use GPU 0."""
+    index = _cuda_index(device)
+    if index is not None:
+        torch.cuda.set_device(index)
 
 
 def _init_default_group(backend: str) -> None:
@@ -139,13 +187,20 @@ def _init_default_group(backend: str) -> None:
 
 
 def _backend(plan: Plan) -> str:
-    return "nccl" if any(g.backend == "nccl" for g in plan.groups) else "gloo"
+    return _torch_backend("nccl" if any(g.backend == "nccl" for g in plan.groups) else "gloo")
+
+
+def _torch_backend(backend: str) -> str:
+    """torch.distributed's backend for a plan backend. An NCCL group also gets gloo for
+    its CPU tensors (the step logs, the checkpoint agreement, object collectives): NCCL
+    alone refuses them ("No backend type associated with device type cpu")."""
+    return "cpu:gloo,cuda:nccl" if backend == "nccl" else backend
 
 
 def _new_group(group: Group, devices: dict[int, str],
                torch_rank_of: dict[str, int]) -> dist.ProcessGroup | None:
     ranks = sorted(torch_rank_of[devices[r]] for r in group.ranks)
-    made = dist.new_group(ranks, backend=group.backend)
+    made = dist.new_group(ranks, backend=_torch_backend(group.backend))
     return made if dist.get_rank() in ranks else None
 
 

@@ -53,9 +53,10 @@ message has a distinct tag per (microbatch, direction); in addition a receiver t
 the messages of each sender in the order the sender sends them (stashing early ones),
 so matching also holds on backends that ignore tags (NCCL). Each loss is scaled by
 ``1 / len(routes)``, so the gradients are those of the mean loss over the iteration.
-Only gloo is tested so far. NCCL runs a pair's sends and receives in order on one stream,
-so two nodes that both send large messages to each other before receiving may stall
-there; ``batch_isend_irecv`` would be the fix if that shows up.
+P2P between ranks is tested on gloo only; on CUDA with NCCL only a one-rank plan has run
+(the GPU machine lent for checks had one GPU). NCCL runs a pair's sends and receives in
+order on one stream, so two nodes that both send large messages to each other before
+receiving may stall there; ``batch_isend_irecv`` would be the fix if that shows up.
 
 **Gradient sync.** With ``sync="stage"`` each stage's gradients are summed
 (all-reduce) over that stage's nodes at the end of ``step``; with ``sync="none"`` they
@@ -72,7 +73,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple, Protocol, runtime_checkable
+from typing import Literal, NamedTuple, Protocol
 
 import torch
 import torch.distributed as dist
@@ -94,7 +95,6 @@ MessageKind = Literal["activation", "gradient"]
 _TAG_OFFSET: dict[MessageKind, int] = {"activation": 0, "gradient": 1}
 
 
-@runtime_checkable
 class SkippableModel(Protocol):
     """What the runtime needs of a model (see the module docstring for an example)."""
 
@@ -350,6 +350,8 @@ class PipelineRuntime:
     blocks and, on stage-0 nodes, every parameter outside ``model.blocks``.
     ``activation_shape`` is the ``(batch, seq, hidden)`` shape of every microbatch's
     activations; ``dtype``/``device`` default to those of the model's first parameter.
+    Given a ``device``, the runtime moves this rank's part of the model there (the other
+    stages' blocks stay where they are).
     ``step`` adds into ``.grad`` as ``loss.backward()`` does: zero them between steps.
     ``bytes_sent`` counts the P2P payload bytes this rank handed over, per peer rank.
     ``stage_group`` is the group that sums this stage's gradients; by default the
@@ -380,6 +382,8 @@ class PipelineRuntime:
         start, end = schedule.layers[self.stage]
         self._model = model
         self._blocks = list(model.blocks[start:end])
+        if device is not None:
+            _move_owned(model, self._blocks, self.stage == 0, torch.device(device))
         self._named = _owned_parameters(model, self._blocks, holds_ends=self.stage == 0)
         first = next(iter(model.parameters()))
         self.device = torch.device(device) if device is not None else first.device
@@ -512,13 +516,36 @@ class PipelineRuntime:
 
 
 def _check_model(model: SkippableModel, schedule: PipelineSchedule) -> None:
-    if not isinstance(model, nn.Module) or not isinstance(model, SkippableModel):
-        raise TypeError("the model must be an nn.Module with embed, blocks and head_loss")
+    """Refuse a model that breaks the contract. Checked attribute by attribute: since
+    Python 3.12 ``isinstance`` against a Protocol looks attributes up statically and so
+    misses an ``nn.Module``'s submodules (``blocks``), which live in ``_modules``."""
+    missing = [name for name in ("embed", "head_loss") if not callable(getattr(model, name, None))]
+    if not isinstance(getattr(model, "blocks", None), nn.ModuleList):
+        missing.append("blocks (an nn.ModuleList)")
+    if not isinstance(model, nn.Module) or missing:
+        raise TypeError("the model must be an nn.Module with embed, blocks and head_loss"
+                        + (f"; it has no {', '.join(missing)}" if missing else ""))
     if schedule.num_blocks > len(model.blocks):
         raise ValueError(
             f"the schedule's layers reach block {schedule.num_blocks}, "
             f"but the model has {len(model.blocks)} blocks"
         )
+
+
+def _move_owned(model: nn.Module, blocks: Sequence[nn.Module], holds_ends: bool,
+                device: torch.device) -> None:
+    """Put this rank's blocks on ``device``, and at stage 0 everything outside the blocks."""
+    for block in blocks:
+        block.to(device)
+    if not holds_ends:
+        return
+    for child in model.children():
+        if child is not model.blocks:
+            child.to(device)
+    for param in model.parameters(recurse=False):
+        param.data = param.data.to(device)
+    for name, buffer in model.named_buffers(recurse=False):
+        setattr(model, name, buffer.to(device))
 
 
 def _owned_parameters(

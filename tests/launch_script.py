@@ -3,10 +3,10 @@
     launch_script.py [--steps N] [--sleep S] [--out DIR] [ANY OTHER ARGS...]
 
 Joins the gloo world torchrun set up, then for each step all-reduces a tensor, takes a
-step of SGD on a one-parameter model and prints `step I loss L`. With --out it writes
-OUT/rank{RANK}.json: its argv (verbatim), rank, world size, pid and HETSCHED_*
-environment, so the test can check what arrived. --sleep S waits S seconds per step, so
-the test can kill a host mid-run.
+step of SGD on a one-parameter model and prints `step I loss L`; it ends as plan scripts
+do (`holmes.runtime.exit_job`). With --out it writes OUT/rank{RANK}.json: its argv
+(verbatim), rank, world size, pid and HETSCHED_* environment, so the test can check what
+arrived. --sleep S waits S seconds per step, so the test can kill a host mid-run.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from holmes.runtime import exit_job
 
 
 def main() -> None:
@@ -37,7 +39,7 @@ def main() -> None:
                   "env": env}
         (options.out / f"rank{rank}.json").write_text(json.dumps(record))
     train(options.steps, options.sleep, rank)
-    dist.destroy_process_group()
+    exit_job()  # together, and without gloo's abort at interpreter exit (holmes.runtime)
 
 
 def train(steps: int, sleep_s: float, rank: int) -> None:

@@ -29,6 +29,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.tinygpt import TinyGPT, TinyGPTConfig  # noqa: E402
+from holmes.runtime import exit_job  # noqa: E402
 from skippipe.runtime import PipelineRuntime, PipelineSchedule  # noqa: E402
 from skippipe.simulate import Route  # noqa: E402
 
@@ -105,7 +106,7 @@ def main() -> None:
     except Exception:
         (out / f"rank{rank}.err").write_text(traceback.format_exc())
         raise
-    dist.destroy_process_group()
+    exit_job()  # without the interpreter's exit, where gloo's threads may abort it
 
 
 def free_port() -> int:

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 from skippipe_worker import activation_shape, launch, make_batch, make_model, make_schedule
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from skippipe.runtime import (  # noqa: E402
     PipelineRuntime,
     PipelineSchedule,
-    SkippableModel,
     forward_route,
 )
 from skippipe.simulate import Route  # noqa: E402
@@ -151,7 +151,6 @@ def test_single_node_schedule_runs_in_process() -> None:
         routes=[[0, ["o"]], [1, ["o"]]],
     )
     model = make_model(scenario)
-    assert isinstance(model, SkippableModel)
     runtime = PipelineRuntime(
         model, make_schedule(scenario), 0, activation_shape=activation_shape(scenario)
     )
@@ -161,6 +160,38 @@ def test_single_node_schedule_runs_in_process() -> None:
     assert_grads_close({n: p.grad for n, p in runtime.named_parameters()}, want)
     with pytest.raises(ValueError, match=r"needs batches for microbatches \[0, 1\]"):
         runtime.step({0: make_batch(scenario, 0, 0)})
+
+
+class _NoHead(nn.Module):
+    """Blocks and an embedding but no head_loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Identity() for _ in range(6))
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        return idx
+
+
+def test_runtime_refuses_a_model_without_the_contract() -> None:
+    schedule = make_schedule(FULL_PIPELINE)
+    with pytest.raises(TypeError, match="it has no head_loss"):
+        PipelineRuntime(_NoHead(), schedule, 0, activation_shape=(3, 8, 16))
+    with pytest.raises(TypeError, match=r"no embed, head_loss, blocks \(an nn.ModuleList\)"):
+        PipelineRuntime(nn.Linear(2, 2), schedule, 0, activation_shape=(3, 8, 16))
+
+
+@pytest.mark.parametrize(("rank", "moved_blocks"), [(0, {0, 1}), (1, {2, 3})])
+def test_runtime_moves_only_its_part_of_the_model_to_the_device(rank, moved_blocks) -> None:
+    model = make_model(FULL_PIPELINE)
+    runtime = PipelineRuntime(model, make_schedule(FULL_PIPELINE), rank,
+                              activation_shape=(3, 8, 16), device="meta", stage_group=None)
+    for i, block in enumerate(model.blocks):
+        want = "meta" if i in moved_blocks else "cpu"
+        assert {p.device.type for p in block.parameters()} == {want}, i
+    outside = [p for n, p in model.named_parameters() if not n.startswith("blocks.")]
+    assert {p.device.type for p in outside} == {"meta" if rank == 0 else "cpu"}
+    assert {p.device.type for p in runtime.parameters()} == {"meta"}
 
 
 def test_runtime_rejects_a_foreign_rank_and_a_short_model() -> None:

@@ -3,7 +3,8 @@
 Each test plans a small topology, then runs `hetsched launch --via local` (one torchrun
 per plan host, gloo over loopback): a skip-route pipeline, DiLoCo between two sites, and
 a torchrun restart (`--max-restarts 1`) after one worker is killed, which must resume from
-the last checkpoint and continue the uninterrupted run's loss curve.
+the last checkpoint and continue the uninterrupted run's loss curve. One more test checks
+`holmes.runtime.exit_job`, which ends every worker without the interpreter's exit.
 """
 
 from __future__ import annotations
@@ -68,8 +69,19 @@ def launch_argv(plan: Path, *script_args: str, restarts: int = 0) -> list[str]:
 def train(plan: Path, metrics: Path, *args: str) -> dict[str, Any]:
     done = subprocess.run(launch_argv(plan, "--metrics", str(metrics), *args),
                           capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == 0, failure_report(done.stdout + done.stderr)
     return json.loads(metrics.read_text())
+
+
+FAILURE_SIGNS = ("[launch]", "terminate called", "exitcode", "Error:", "Fatal Python error")
+
+
+def failure_report(output: str, keep: int = 40) -> str:
+    """A failed launch's lines that say who failed first and how, then the output's tail
+    (the tail alone is usually the other hosts' tracebacks after the first one died)."""
+    signs = [line for line in output.splitlines()
+             if any(s in line for s in FAILURE_SIGNS) and "frame #" not in line]
+    return "\n".join(signs[:keep]) + "\n...\n" + output[-3000:]
 
 
 def losses(curve: list[dict[str, Any]]) -> dict[int, float]:
@@ -123,6 +135,16 @@ def test_allreduce_between_sites_sends_one_shard_per_lane(tmp_path: Path) -> Non
     gradient_bytes = 4 * sum(t.numel() for t in states[0].values())
     # ring all-reduce of half the gradient between 2 ranks: each rank sends that half
     assert figures["curve"][-1]["bytes_per_class"]["inter_site"] == steps * 2 * gradient_bytes
+
+
+def test_exit_job_flushes_and_ends_the_process_with_its_code() -> None:
+    # os._exit skips the interpreter's exit (see holmes.runtime): buffered output must
+    # still arrive (a pipe makes stdout block-buffered).
+    code = ("import sys; from holmes.runtime import exit_job; print('bye', end=''); "
+            "sys.stderr.write('err'); exit_job(3); print('not reached')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert (done.returncode, done.stdout, done.stderr) == (3, "bye", "err")
 
 
 def read_lines(stream: Any, lines: queue.Queue[str]) -> None:
