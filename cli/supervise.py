@@ -259,7 +259,8 @@ def report(outcome: Outcome, printer: Printer) -> None:
         printer.note(f"host {outcome.failed_host} failed: {outcome.reason}; "
                      "stopped the other hosts")
     else:
-        printer.note(f"all {len(outcome.results)} hosts finished")
+        count = len(outcome.results)
+        printer.note(f"all {count} hosts finished" if count > 1 else "the host finished")
 
 
 def stdio_printer() -> Printer:

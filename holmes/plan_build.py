@@ -162,7 +162,8 @@ def summary(decision: Decision, plan: Plan, topology_name: str) -> list[str]:
     ]
     lines += _sync_lines(decision)
     lines += _skip_lines(decision)
-    per_class = ", ".join(f"{k} {v / 1e9:.3g} GB" for k, v in sorted(chosen.bytes_per_step.items()))
+    per_class = ", ".join(f"{k} {v / 1e9:.3g} GB"
+                          for k, v in sorted(chosen.bytes_per_step.items())) or "none"
     lines.append(f"Estimated: {chosen.step_s:.4g} s/iteration, {chosen.tokens_per_s:,.0f} "
                  f"tokens/s, bubble {chosen.bubble_fraction:.0%}; bytes/step: {per_class}.")
     if decision.context.network.assumed:

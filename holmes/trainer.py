@@ -239,7 +239,7 @@ class Trainer:
         tokens = steps * model.global_batch * model.seq_len
         log = StepLog(done, float(total[0] / max(1.0, float(total[1]))),
                       tokens / elapsed if elapsed > 0 else 0.0, counts)
-        sent = ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in sorted(counts.items()))
+        sent = ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in sorted(counts.items())) or "nothing"
         self._print(f"step {done:5d}  loss {log.loss:.4f}  {log.tokens_per_s:,.0f} tokens/s  "
                     f"sent so far: {sent}")
         return log
