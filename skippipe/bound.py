@@ -35,7 +35,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from skippipe.paths import PathProblem, _check_problem, _hop_s, _limit
+from skippipe.paths import PathProblem, _check_problem, _Costs, _usable
 
 __all__ = ["LowerBound", "lower_bound"]
 
@@ -52,15 +52,45 @@ def lower_bound(problem: PathProblem) -> LowerBound:
     """The larger of the stage and origin bounds (module docstring); ValueError on bad
     input, as `skippipe.paths.schedule_paths` raises it."""
     _check_problem(problem)
-    bounds = [_origin_bound(problem, origin) for origin, ids in problem.microbatches.items()
-              if ids]
+    costs = _Costs(problem)
+    origins = [origin for origin, ids in problem.microbatches.items() if ids]
+    bounds = [_origin_bound(problem, costs, origin) for origin in origins]
     if problem.visits_per_route() > 0:
-        bounds += [_stage_bound(problem, s) for s in range(1, len(problem.stages))]
+        bounds += [_stage_bound(problem, costs, origins, s)
+                   for s in range(1, len(problem.stages))]
     return max(bounds, key=lambda b: b.seconds)
 
 
-def _usable(problem: PathProblem, stages: Sequence[Sequence[str]]) -> list[str]:
-    return [n for stage in stages for n in stage if _limit(problem, n) >= 1]
+@dataclass
+class _Walks:
+    """From one origin, per number p of intermediate nodes, the cheapest forward walk
+    (hop + forward of each node) and backward walk (the reverse hop + backward of each
+    node) ending at each intermediate node: ``forward[p][v]``, ``backward[p][v]``."""
+
+    forward: list[dict[str, float]]
+    backward: list[dict[str, float]]
+
+
+def _walks(problem: PathProblem, costs: _Costs, origin: str, middle: Sequence[str],
+           most: int) -> _Walks:
+    forward_s = problem.forward_s
+    return _Walks(
+        _cheapest(origin, middle, most, lambda u, v: costs.hop(u, v) + float(forward_s[v])),
+        _cheapest(origin, middle, most, lambda u, v: costs.hop(v, u) + _backward(problem, v)))
+
+
+def _cheapest(start: str, middle: Sequence[str], most: int,
+              cost: Callable[[str, str], float]) -> list[dict[str, float]]:
+    """``walks[p][v]``: the cheapest walk from ``start`` through exactly ``p`` nodes of
+    ``middle`` (repeats allowed) ending at ``v``, each step ``u -> v`` costing
+    ``cost(u, v)``; p = 1 .. most (``walks[0]`` is empty)."""
+    walks: list[dict[str, float]] = [{}]
+    previous = {start: 0.0}
+    for _ in range(most):
+        previous = {v: min((c + cost(u, v) for u, c in previous.items() if u != v),
+                           default=math.inf) for v in middle}
+        walks.append(previous)
+    return walks
 
 
 def _backward(problem: PathProblem, node: str) -> float:
@@ -72,82 +102,57 @@ def _loss(problem: PathProblem, origin: str) -> float:
     return float(loss.get(origin, 0.0)) if isinstance(loss, Mapping) else float(loss)
 
 
-def _walks(problem: PathProblem, start: str, middle: Sequence[str], most: int,
-           cost: Callable[[str, str], float]) -> list[dict[str, float]]:
-    """``walks[p][v]``: the cheapest walk from ``start`` through exactly ``p`` nodes of
-    ``middle`` (repeats allowed) ending at ``v`` in ``middle``, where going from ``u`` to
-    ``v`` costs ``cost(u, v)``; p = 1 .. most (``walks[0]`` is empty)."""
-    walks: list[dict[str, float]] = [{}]
-    previous = {start: 0.0}
-    for _ in range(most):
-        current = {v: min((c + cost(u, v) for u, c in previous.items() if u != v),
-                       default=math.inf) for v in middle}
-        walks.append(current)
-        previous = current
-    return walks
-
-
-def _ends(problem: PathProblem, origin: str, node: str, middle: Sequence[str], least: int,
-          most: int) -> tuple[float, float]:
+def _ends(problem: PathProblem, costs: _Costs, origin: str, walks: _Walks, node: str,
+          least: int) -> tuple[float, float]:
     """(cheapest arrival at ``node`` after the origin's forward, cheapest drain after a
-    backward on ``node``) over walks with ``least`` to ``most`` intermediate nodes."""
-    forward = _walks(problem, origin, middle, most,
-                     lambda u, v: _hop_s(problem, u, v) + float(problem.forward_s[v]))
-    backward = _walks(problem, origin, middle, most,
-                      lambda u, v: _hop_s(problem, v, u) + _backward(problem, v))
-    origin_forward = float(problem.forward_s[origin])
+    backward on ``node``) over walks with ``least`` or more intermediate nodes."""
     arrive, drain = math.inf, math.inf
-    for p in range(least, most + 1):
+    for p in range(least, len(walks.forward)):
         if p == 0:
-            arrive = min(arrive, origin_forward + _hop_s(problem, origin, node))
-            drain = min(drain, _hop_s(problem, node, origin) + _backward(problem, origin))
+            arrive = min(arrive, costs.hop(origin, node))
+            drain = min(drain, costs.hop(node, origin))
             continue
-        arrive = min(arrive, origin_forward + min(
-            (c + _hop_s(problem, u, node) for u, c in forward[p].items() if u != node),
-            default=math.inf))
-        drain = min(drain, _backward(problem, origin) + min(
-            (c + _hop_s(problem, node, u) for u, c in backward[p].items() if u != node),
-            default=math.inf))
-    return arrive, drain
+        arrive = min(arrive, min((c + costs.hop(u, node) for u, c in walks.forward[p].items()
+                                  if u != node), default=math.inf))
+        drain = min(drain, min((c + costs.hop(node, u) for u, c in walks.backward[p].items()
+                                if u != node), default=math.inf))
+    return (float(problem.forward_s[origin]) + arrive, drain + _backward(problem, origin))
 
 
-def _stage_bound(problem: PathProblem, s: int) -> LowerBound:
+def _stage_bound(problem: PathProblem, costs: _Costs, origins: Sequence[str],
+                 s: int) -> LowerBound:
     stages, m = problem.stages, problem.visits_per_route()
     total = m * sum(len(ids) for ids in problem.microbatches.values())
-    nodes = _usable(problem, [stages[s]])
-    visits = math.ceil((total // (len(stages) - 1)) / len(nodes))
+    usable = _usable(problem)
+    visits = math.ceil((total // (len(stages) - 1)) / len(usable[s]))
     below = max(0, m - (len(stages) - 1 - s) - 1)
     least = max(0, below - (1 if problem.max_swaps > 0 else 0))
-    middle = _usable(problem, [st for t, st in enumerate(stages) if t not in (0, s)])
+    middle = [n for t, nodes in enumerate(usable) if t not in (0, s) for n in nodes]
     most = min(m - 1, len(stages) - 2) if middle else 0
+    walks = {o: _walks(problem, costs, o, middle, most) for o in origins}
     best = LowerBound(math.inf, "")
-    for node in nodes:
-        work = visits * (1.0 + problem.backward_ratio) * float(problem.forward_s[node])
-        ends = [_ends(problem, o, node, middle, least, most)
-                for o, ids in problem.microbatches.items() if ids]
+    for node in usable[s]:
+        ends = [_ends(problem, costs, o, walks[o], node, least) for o in origins]
         arrive, drain = min(a for a, _ in ends), min(d for _, d in ends)
-        seconds = arrive + work + drain
-        if seconds < best.seconds:
-            best = LowerBound(seconds, (
+        work = visits * costs.work(node)
+        if arrive + work + drain < best.seconds:
+            best = LowerBound(arrive + work + drain, (
                 f"stage {s}: some node has >= {visits} visits; the best placed, {node}, "
                 f"starts no earlier than {arrive:.2f} s, computes {work:.2f} s and drains "
                 f"for >= {drain:.2f} s"))
     return best
 
 
-def _origin_bound(problem: PathProblem, origin: str) -> LowerBound:
+def _origin_bound(problem: PathProblem, costs: _Costs, origin: str) -> LowerBound:
     m = problem.visits_per_route()
     count = len(problem.microbatches[origin])
     forward_s = float(problem.forward_s[origin])
     out, back = 0.0, 0.0
-    middle = _usable(problem, problem.stages[1:])
     if m > 0:
-        forward = _walks(problem, origin, middle, m,
-                         lambda u, v: _hop_s(problem, u, v) + float(problem.forward_s[v]))
-        backward = _walks(problem, origin, middle, m,
-                          lambda u, v: _hop_s(problem, v, u) + _backward(problem, v))
-        out = min(c + _hop_s(problem, u, origin) for u, c in forward[m].items())
-        back = min(c + _hop_s(problem, origin, u) for u, c in backward[m].items())
+        middle = [n for nodes in _usable(problem)[1:] for n in nodes]
+        walks = _walks(problem, costs, origin, middle, m)
+        out = min(c + costs.hop(u, origin) for u, c in walks.forward[m].items())
+        back = min(c + costs.hop(origin, u) for u, c in walks.backward[m].items())
     losses = count * _loss(problem, origin)
     seconds = forward_s + out + losses + back + _backward(problem, origin)
     return LowerBound(seconds, (
