@@ -52,7 +52,7 @@ from holmes.planner import PlanOptions, decide
 from holmes.skipping import SkipChoice, path_problems, with_origin_loss
 from skippipe.bound import LowerBound, lower_bound
 from skippipe.paths import PathProblem, full_routes, random_paths, schedule_paths
-from skippipe.simulate import PipelineSpec, Route, simulate
+from skippipe.simulate import PipelineSpec, Route, _link_value, simulate
 
 EXAMPLE, MODEL, STAGES = "geo12", "skippipe-llama-24l", 6
 RATIOS = (1 / 3, 0.25, 0.5)
@@ -122,9 +122,7 @@ def lane_routes(problem: PathProblem) -> list[Route]:
 def paper_setting(problem: PathProblem) -> PathProblem:
     """`problem` with the cost inputs of SkipPipe's own simulator (module docstring)."""
     def latency(a: str, b: str) -> float:
-        base = problem.latency_s
-        seconds = base(a, b) if callable(base) else base.get((a, b), base.get((b, a)))
-        return float(seconds) + PAPER_HOP_EXTRA_S
+        return _link_value(problem.latency_s, a, b, "latency_s") + PAPER_HOP_EXTRA_S
 
     return replace(problem, backward_ratio=PAPER_BACKWARD_RATIO, latency_s=latency,
                    loss_s={o: PAPER_LOSS_SHARE * problem.forward_s[o] for o in problem.stages[0]},
