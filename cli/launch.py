@@ -103,8 +103,8 @@ def launch(plan_file: Path, script: tuple[str, ...], via: Via, lab_name: str | N
         return
     _check_reachable(commands, spec, lab, force)
     printer = Printer(sys.stdout, sys.stderr)
-    printer.note(f"{len(commands)} hosts via {via}, rendezvous {commands[0].rdzv_endpoint} "
-                 f"(id {spec.rdzv_id})")
+    printer.note(f"{_count(len(commands), 'host', 'hosts')} via {via}, rendezvous "
+                 f"{commands[0].rdzv_endpoint} (id {spec.rdzv_id})")
     outcome = supervise(commands, printer)
     report(outcome, printer)
     sys.exit(outcome.exit_code)
@@ -137,10 +137,15 @@ def _namespaces(plan: Plan, lab: LabState | None) -> dict[str, str]:
     return {host.host: lab.host(host.host).namespace for host in plan.launch}
 
 
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
 def _dry_run_text(spec: LaunchSpec, commands: list[HostCommand]) -> str:
     processes = sum(c.nproc for c in commands)
-    lines = [f"# hetsched launch {spec.plan_path} via {spec.via}: {len(commands)} hosts, "
-             f"{processes} processes, rendezvous {commands[0].rdzv_endpoint} "
+    lines = [f"# hetsched launch {spec.plan_path} via {spec.via}: "
+             f"{_count(len(commands), 'host', 'hosts')}, "
+             f"{_count(processes, 'process', 'processes')}, rendezvous {commands[0].rdzv_endpoint} "
              f"(c10d, id {spec.rdzv_id})"]
     for command in commands:
         lines.append(f"# {command.header()}")
