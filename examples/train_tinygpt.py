@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from holmes.runtime import PlanRun
+from holmes.runtime import PlanRun, Trainer
 
 
 class Block(nn.Module):
@@ -118,8 +118,8 @@ def main() -> None:
     m = run.plan.model
     torch.manual_seed(args.seed)  # the same initial model on every rank
     model = TinyGPT(m.layers, m.hidden, args.heads, m.seq_len)
-    trainer = run.trainer(
-        model, lambda params: torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0),
+    trainer = Trainer(
+        run, model, lambda params: torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0),
         activation_shape=(m.microbatch, m.seq_len, m.hidden), total_steps=args.steps,
         checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
         log_every=args.log_every)

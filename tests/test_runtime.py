@@ -1,11 +1,11 @@
-"""Tests of holmes.runtime's device and backend choices (the GPU path, without a GPU)."""
+"""Tests of holmes.runtime.plan_run's device and backend choices (the GPU path, without a GPU)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from holmes.runtime import _cuda_index, _torch_backend
+from holmes.runtime.plan_run import _cuda_index, _torch_backend
 
 
 @pytest.mark.parametrize(("device", "index"), [

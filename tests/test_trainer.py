@@ -1,4 +1,4 @@
-"""holmes.runtime + holmes.trainer end to end: examples/train_tinygpt.py under real plans.
+"""holmes.runtime (PlanRun + Trainer) end to end: examples/train_tinygpt.py under real plans.
 
 Each test plans a small topology, then runs `hetsched launch --via local` (one torchrun
 per plan host, gloo over loopback): a skip-route pipeline, DiLoCo between two sites, and

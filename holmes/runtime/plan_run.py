@@ -1,7 +1,6 @@
 """Where this process sits in a plan: torchrun's environment + plan.yaml -> groups and stage.
 
-A training script's only hetsched import is `holmes.runtime.PlanRun` (and the `Trainer`
-it makes, `holmes.trainer`). `PlanRun.from_env()`:
+`PlanRun.from_env()`:
 
 1. reads `HETSCHED_PLAN` and `HETSCHED_HOST` (set by `hetsched launch`) and torchrun's
    `RANK`, `WORLD_SIZE`, `LOCAL_RANK`; this process is device `LOCAL_RANK` of its host in
@@ -39,7 +38,7 @@ import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -98,12 +97,6 @@ class PlanRun:
         return cls(plan, path, placement, torch_rank_of, groups,
                    _schedule(plan, placement.replica, torch_rank_of),
                    int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
-
-    def trainer(self, model: torch.nn.Module, make_optimizer: Any, **options: Any) -> Any:
-        """A `holmes.trainer.Trainer` for this process (same arguments after `run`)."""
-        from holmes.trainer import Trainer  # the trainer imports this module
-
-        return Trainer(self, model, make_optimizer, **options)
 
     def group_of_kind(self, kind: str) -> dist.ProcessGroup | None:
         """The group of `kind` that holds this process (None if none does)."""

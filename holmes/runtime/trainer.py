@@ -1,7 +1,7 @@
 """The training loop of one rank under a plan: pipeline step, syncs, logs, checkpoints.
 
-`Trainer` (made by `PlanRun.trainer`, `holmes.runtime`) runs one optimizer step per
-`step(batches)`:
+`Trainer(run, model, make_optimizer, ...)` (`run`: a `holmes.runtime.PlanRun`) runs one
+optimizer step per `step(batches)`:
 
 1. `skippipe.runtime.PipelineRuntime.step`: this rank's forwards, losses and backwards
    along the plan's routes; each stage's gradients are summed over the stage's devices
@@ -27,7 +27,6 @@ there; `gather_model()` copies every replica-0 parameter to rank 0 for evaluatio
 
 from __future__ import annotations
 
-import shutil
 import sys
 import time
 from collections import Counter
@@ -40,15 +39,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from diloco import DiLoCo, DiLoCoConfig, load_checkpoint, save_checkpoint
-from holmes.review import plan_topology
-from holmes.runtime import PlanRun
+from diloco import DiLoCo, DiLoCoConfig
+from holmes.runtime import checkpoints
+from holmes.runtime.links import link_classes, slowest_class
+from holmes.runtime.plan_run import PlanRun
 from skippipe.runtime import PipelineRuntime
-from topology.errors import InputError
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
-KEEP_CHECKPOINTS = 2
-_CLASS_ORDER = ["intra_host", "intra_site", "inter_site"]  # slowest last
 
 
 @dataclass
@@ -79,7 +76,7 @@ class Trainer:
         self.optimizer = make_optimizer(self.params)
         self.diloco = _make_diloco(run, self.params, self.optimizer)
         self.bytes = Counter[str]()
-        self._classes = _link_classes(run)
+        self._classes = link_classes(run)
         self._owed = False  # a checkpoint waits for DiLoCo to be quiescent
         self._window: list[float] = []
         self._window_steps = 0
@@ -211,9 +208,7 @@ class Trainer:
 
     def _group_class(self, group: dist.ProcessGroup) -> str:
         """The slowest link class between two members of `group`."""
-        ranks = dist.get_process_group_ranks(group)
-        return max((self._classes(a, b) for a in ranks for b in ranks if a != b),
-                   key=_CLASS_ORDER.index, default="intra_host")
+        return slowest_class(self._classes, dist.get_process_group_ranks(group))
 
     def _with_diloco_bytes(self) -> Counter[str]:
         """`self.bytes` plus what DiLoCo sent since the last (re)start."""
@@ -260,29 +255,29 @@ class Trainer:
             self._owed = True
             return
         self._owed = False
-        folder = self.checkpoint_dir / f"step-{done:08d}"
         state = {"step": done, "bytes": dict(self._with_diloco_bytes()),
                  "diloco": self.diloco.state_dict() if self.diloco is not None else None,
                  "params": {n: p.detach().cpu() for n, p in self.pipeline.named_parameters()},
                  "optimizer": self.optimizer.state_dict()}
-        save_checkpoint(state, folder / f"rank-{self.run.placement.plan_rank}.pt")
+        folder = checkpoints.save_rank_state(self.checkpoint_dir, done,
+                                             self.run.placement.plan_rank, state)
         dist.barrier()
         if dist.get_rank() == 0:
-            _prune(self.checkpoint_dir, keep=KEEP_CHECKPOINTS)
+            checkpoints.prune(self.checkpoint_dir)
             self._print(f"checkpoint {folder}" + (" (final)" if final else ""))
 
     def _resume(self) -> int:
         if self.checkpoint_dir is None:
             return 0
-        mine = _steps_with(self.checkpoint_dir, self.run.placement.plan_rank)
+        mine = checkpoints.steps_with(self.checkpoint_dir, self.run.placement.plan_rank)
         gathered: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, mine)
         common = set.intersection(*(set(g) for g in gathered))
         if not common:
             return 0
         step = max(common)
-        state = load_checkpoint(self.checkpoint_dir / f"step-{step:08d}" /
-                                f"rank-{self.run.placement.plan_rank}.pt")
+        state = checkpoints.load_rank_state(self.checkpoint_dir, step,
+                                            self.run.placement.plan_rank)
         self._load(state)
         if dist.get_rank() == 0:
             self._print(f"resumed from step {step} ({self.checkpoint_dir})")
@@ -352,40 +347,3 @@ def _one_param_module(param: nn.Parameter) -> nn.Module:
     module = nn.Module()
     module.register_parameter("weight", param)
     return module
-
-
-def _link_classes(run: PlanRun) -> Callable[[int, int], str]:
-    """(torch rank, torch rank) -> intra_host / intra_site / inter_site, sites from the
-    plan's topology file when it can be read (else every other host is inter_site)."""
-    host_of = {rank: device.split(":", 1)[0] for device, rank in run.torch_rank_of.items()}
-    site_of = _sites(run)
-
-    def classify(a: int, b: int) -> str:
-        ha, hb = host_of[a], host_of[b]
-        if ha == hb:
-            return "intra_host"
-        same = site_of.get(ha) is not None and site_of.get(ha) == site_of.get(hb)
-        return "intra_site" if same else "inter_site"
-
-    return classify
-
-
-def _sites(run: PlanRun) -> dict[str, str | None]:
-    try:
-        topology = plan_topology(run.plan, run.plan_path, None)
-    except (InputError, OSError):
-        return {}
-    return {h.name: h.site for h in topology.hosts}
-
-
-def _steps_with(directory: Path, plan_rank: int) -> list[int]:
-    if not directory.is_dir():
-        return []
-    return sorted(int(p.parent.name.split("-", 1)[1])
-                  for p in directory.glob(f"step-*/rank-{plan_rank}.pt"))
-
-
-def _prune(directory: Path, keep: int) -> None:
-    folders = sorted(p for p in directory.glob("step-*") if p.is_dir())
-    for old in folders[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,19 @@
+"""The runtime: one rank executing a plan.yaml under torchrun.
+
+It depends on the plan (`holmes.plan`), never the reverse: the planner modules of
+`holmes` do not import anything from here. A training script imports only this package:
+
+    from holmes.runtime import PlanRun, Trainer
+    run = PlanRun.from_env()            # plan + torchrun env -> groups, stage, schedule
+    trainer = Trainer(run, model, make_optimizer, activation_shape=..., total_steps=...)
+
+- `plan_run`: where this process sits in the plan; the plan's process groups; `exit_job`.
+- `trainer`: the training loop of one rank (pipeline step, syncs, logs, checkpoints).
+- `checkpoints`: the checkpoint folder's layout, the latest common step, pruning.
+- `links`: which link class (intra_host, intra_site, inter_site) joins two ranks.
+"""
+
+from holmes.runtime.plan_run import Placement, PlanRun, exit_job
+from holmes.runtime.trainer import StepLog, Trainer
+
+__all__ = ["Placement", "PlanRun", "StepLog", "Trainer", "exit_job"]
