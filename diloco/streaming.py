@@ -238,13 +238,15 @@ class DiLoCo:
         for fragment in self.fragments:
             record = self.ledger.open("broadcast", fragment.index, 0)
             work = partial(_broadcast, self.comm, _flatten(fragment.params), record)
-            flat = self._wait(self._worker.submit(work), "initial broadcast of the parameters")
+            flat = self._wait(self._worker.submit(work), "initial broadcast of the parameters",
+                              self.config.start_timeout_s)
             for param, view in zip(fragment.params, _views(flat, fragment.params), strict=True):
                 param.copy_(view)
 
-    def _wait(self, result: Any, what: str) -> torch.Tensor:
+    def _wait(self, result: Any, what: str, timeout_s: float | None = None) -> torch.Tensor:
         try:
-            return wait_for(result, self.config.timeout_s, what, self.comm.world_size)
+            return wait_for(result, timeout_s or self.config.timeout_s, what,
+                            self.comm.world_size)
         except ReplicaFailure as failure:
             self._failure = failure
             raise

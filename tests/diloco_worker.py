@@ -204,6 +204,11 @@ def main() -> None:
     )
     if not failed:
         exit_job()  # without the interpreter's exit, where gloo's threads may abort it
+    # A peer is dead or hung: no barrier to leave together, but still no interpreter exit,
+    # whose gloo threads can abort a process that reported its failure (SIGABRT).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @contextlib.contextmanager
