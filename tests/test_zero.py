@@ -11,6 +11,7 @@ without ZeRO-1) step with the gradient of one process on all 4.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -136,20 +137,21 @@ def test_zero1_holds_1_over_dp_of_the_state_and_trains_like_unsharded(tmp_path: 
 
 
 def test_zero1_resume_from_sharded_checkpoints_is_bit_exact(tmp_path: Path) -> None:
+    # 6 steps straight, checkpointing every 3; then the step-6 checkpoint is removed and
+    # a restart resumes from step 3 (as after a crash there) and runs steps 4 to 6
     plan = make_plan(tmp_path / "plan", {"a": (2, 0.05)}, optimizer_sharding="zero1")
-    run = dict(RUN, steps=6, checkpoint_every=3)
+    folder = tmp_path / "ckpt"
+    run = dict(RUN, steps=6, checkpoint_every=3, checkpoint_dir=str(folder))
     straight = launch(plan, run, tmp_path / "straight")
-    folder = str(tmp_path / "ckpt")
-    first = launch(plan, dict(run, checkpoint_dir=folder, stop_after=3), tmp_path / "first")
-    assert [r["start_step"] for r in first] == [0, 0]
-    second = launch(plan, dict(run, checkpoint_dir=folder), tmp_path / "second")
-    assert [r["start_step"] for r in second] == [3, 3]
-    shards = [torch.load(Path(folder) / "step-00000003" / f"rank-{r}.pt",
+    shards = [torch.load(folder / "step-00000003" / f"rank-{r}.pt",
                          weights_only=False)["optimizer_shard"] for r in range(2)]
-    assert sorted(s["shard"] for s in shards) == [0, 1]
-    for resumed, whole in zip(second, straight, strict=True):
-        assert resumed["params"].keys() == whole["params"].keys()
-        for name, value in resumed["params"].items():
+    assert sorted(s["shard"] for s in shards) == [0, 1] and shards[0]["shards"] == 2
+    shutil.rmtree(folder / "step-00000006")
+    resumed = launch(plan, run, tmp_path / "resumed")
+    assert [r["start_step"] for r in resumed] == [3, 3]
+    for again, whole in zip(resumed, straight, strict=True):
+        assert again["params"].keys() == whole["params"].keys()
+        for name, value in again["params"].items():
             assert torch.equal(value, whole["params"][name]), name
 
 
