@@ -153,6 +153,9 @@ def test_zero1_resume_from_sharded_checkpoints_is_bit_exact(tmp_path: Path) -> N
         assert again["params"].keys() == whole["params"].keys()
         for name, value in again["params"].items():
             assert torch.equal(value, whole["params"][name]), name
+    unsharded = make_plan(tmp_path / "none", {"a": (2, 0.05)}, optimizer_sharding="none")
+    with pytest.raises(RuntimeError, match="holds optimizer state .*'zero1'.* this run needs"):
+        launch(unsharded, run, tmp_path / "refused")  # another sharding: refused, not mixed
 
 
 # ---------------------------------------------------------------- weighted replicas
