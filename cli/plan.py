@@ -45,11 +45,15 @@ TOPOLOGY = click.Path(dir_okay=False, path_type=Path)
               "non-first stages; routes are chosen to avoid collisions (default: no skipping).")
 @click.option("--max-swaps", type=click.IntRange(min=0), default=DEFAULT_MAX_SWAPS,
               show_default=True, help="SkipPipe: swaps of consecutive stages per route.")
+@click.option("--optimizer-sharding", type=click.Choice(["zero1", "none"]), default="zero1",
+              show_default=True, help="zero1: each device keeps 1/n of its stage's optimizer "
+              "state (n: the stage's data-parallel width); none: all of it. Memory follows.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON on stdout.")
 @reports_input_errors
 def plan(topology_file: Path, model_name: str, output: Path, sync: str, regime: str,
          stages: int | None, sync_every: int, fragments: int, quantization: str,
-         skip_ratio: float | None, max_swaps: int, as_json: bool) -> None:
+         skip_ratio: float | None, max_swaps: int, optimizer_sharding: str,
+         as_json: bool) -> None:
     """Plan MODEL on TOPOLOGY_FILE: stages, layers, groups, NICs, sync; write plan.yaml."""
     topology = load_topology(topology_file)
     config = load_model(model_name)
@@ -60,7 +64,8 @@ def plan(topology_file: Path, model_name: str, output: Path, sync: str, regime: 
         skip = SkipChoice(ratio=skip_ratio, max_swaps=max_swaps)
     options = PlanOptions(regime=regime, sync=sync, stages=stages, skip=skip,
                           diloco=DilocoChoice(sync_every=sync_every, fragments=fragments,
-                                              quantization=quantization))
+                                              quantization=quantization),
+                          optimizer_sharding=optimizer_sharding)
     decision = decide(topology, config, options)
     relative = os.path.relpath(topology_file.resolve(), output.resolve().parent)
     result = build_plan(decision, topology_file=relative, model_source=model_name)

@@ -77,6 +77,7 @@ class Context:
     network: Network
     config: ModelConfig
     diloco: DilocoChoice = field(default_factory=DilocoChoice)
+    optimizer_sharding: str = "zero1"  # or "none": see `optimizer_shards`
 
     @property
     def microbatch(self) -> int:
@@ -147,7 +148,7 @@ def partition_for(layout: Layout, ctx: Context, equal: bool = False) -> Partitio
             model, microbatch=ctx.microbatch,
             in_flight=in_flight_cap(s, layout.stages, in_flight_of, layout.loss_at),
             holds_embedding=s == 0, holds_head=head, recompute=training.recompute,
-            optimizer_shards=min(len(replica[s]) for replica in layout.replicas))
+            optimizer_shards=optimizer_shards(layout, s, ctx))
         fixed = costs.head_train_seconds(model, ctx.microbatch, ctx.tflops(slowest)) if head \
             else 0.0
         stage_costs.append(StageCost(
@@ -428,7 +429,16 @@ def _device_memory(layout: Layout, partition: Partition, ctx: Context, stage: in
         ctx.config.model, layers=partition.layers[stage], microbatch=ctx.microbatch,
         in_flight=in_flight, holds_embedding=stage == 0,
         holds_head=stage == layout.head_stage, recompute=ctx.config.training.recompute,
-        optimizer_shards=min(len(replica[stage]) for replica in layout.replicas)).total
+        optimizer_shards=optimizer_shards(layout, stage, ctx)).total
+
+
+def optimizer_shards(layout: Layout, stage: int, ctx: Context) -> int:
+    """Over how many devices a device of `stage` shares its optimizer state: the stage's
+    narrowest data-parallel width with ZeRO-1 (each replica shards over its own width;
+    the narrowest is the one that holds most per device), 1 without sharding."""
+    if ctx.optimizer_sharding == "none":
+        return 1
+    return min(len(replica[stage]) for replica in layout.replicas)
 
 
 def memory_in_flight(layout: Layout, partition: Partition, ctx: Context) -> dict[str, int]:

@@ -1,7 +1,8 @@
 """The Plan schema: plan.yaml, the file a person reviews before any GPU hour is spent.
 
 Stable keys (tools and people diff these files): `version`, `topology_sha256`, `model`,
-`sync`, `replicas`, `stages`, `paths`, `groups`, `diloco`, `launch`, `estimates`. The file
+`sync`, `replicas`, `stages`, `paths`, `groups`, `diloco`, `optimizer`, `launch`,
+`estimates`. The file
 starts with a comment that says the plan in words. Devices are named `host:device`
 (`a1:gpu0`); ranks follow `launch` (node by node, device by device). Layer ranges are
 half-open: `layers: [0, 4]` holds layers 0, 1, 2 and 3.
@@ -87,6 +88,16 @@ class DilocoSettings(Strict):
     outer_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
 
 
+class OptimizerSettings(Strict):
+    """How each device holds its stage's optimizer state: `sharding: zero1` splits it over
+    the stage's `data` group (ZeRO-1: 1/n of it per device, what `estimates.memory_gb`
+    counts), `none` keeps all of it on every device. A plan written before this key
+    existed loads as `none`: that is what its runs built (its memory figures assumed
+    ZeRO-1; plan again for figures that match)."""
+
+    sharding: Literal["zero1", "none"]
+
+
 class LaunchHost(Strict):
     host: str
     address: str
@@ -128,6 +139,8 @@ class Plan(Strict):
     skipping: Skipping | None = None
     groups: list[Group]
     diloco: DilocoSettings | None = None
+    optimizer: OptimizerSettings = Field(
+        default_factory=lambda: OptimizerSettings(sharding="none"))
     launch: list[LaunchHost] = Field(min_length=1)
     estimates: Estimates
 

@@ -9,7 +9,7 @@ the NICs its hosts share (`holmes.nics`).
 
 from __future__ import annotations
 
-from holmes.estimate import Estimate
+from holmes.estimate import Estimate, optimizer_shards
 from holmes.network import host_of
 from holmes.nics import group_env
 from holmes.plan import (
@@ -19,6 +19,7 @@ from holmes.plan import (
     Group,
     LaunchHost,
     MicrobatchPath,
+    OptimizerSettings,
     Plan,
     PlanModel,
     Replica,
@@ -54,6 +55,7 @@ def build_plan(decision: Decision, topology_file: str | None = None,
         skipping=_skipping(decision),
         groups=_groups(decision, ranks, backend),
         diloco=_diloco(decision) if chosen.sync == "diloco" else None,
+        optimizer=OptimizerSettings(sharding=ctx.optimizer_sharding),
         launch=launch,
         estimates=Estimates(
             iteration_s=round(chosen.step_s, 6), tokens_per_s=round(chosen.tokens_per_s, 1),
@@ -162,6 +164,7 @@ def summary(decision: Decision, plan: Plan, topology_name: str) -> list[str]:
     ]
     lines += _sync_lines(decision)
     lines += _skip_lines(decision)
+    lines.append(_optimizer_line(decision))
     per_class = ", ".join(f"{k} {v / 1e9:.3g} GB"
                           for k, v in sorted(chosen.bytes_per_step.items())) or "none"
     lines.append(f"Estimated: {chosen.step_s:.4g} s/iteration, {chosen.tokens_per_s:,.0f} "
@@ -172,6 +175,20 @@ def summary(decision: Decision, plan: Plan, topology_name: str) -> list[str]:
     if decision.rejected:
         lines.append(f"{len(decision.rejected)} layouts did not fit in memory.")
     return lines
+
+
+def _optimizer_line(decision: Decision) -> str:
+    """How the optimizer state is held, and the memory that follows from it."""
+    chosen, ctx = decision.chosen, decision.context
+    memory = chosen.memory_gb
+    peak = max(memory, key=memory.get) if memory else None
+    at_peak = f"; peak {memory[peak]:.3g} GB per device ({peak})" if peak else ""
+    if ctx.optimizer_sharding == "none":
+        return f"Optimizer state: not sharded, whole on every device{at_peak}."
+    widths = [optimizer_shards(chosen.layout, s, ctx) for s in range(chosen.layout.stages)]
+    split = "/".join(str(w) for w in widths) if len(set(widths)) > 1 else str(widths[0])
+    return (f"Optimizer state: ZeRO-1, split over each stage's data-parallel devices "
+            f"({split} per stage){at_peak}.")
 
 
 def _skip_lines(decision: Decision) -> list[str]:

@@ -41,6 +41,7 @@ from topology.schema import Topology
 ALLREDUCE_TOLERANCE = 1.10
 Regime = Literal["auto", "datacentre", "geo"]
 Sync = Literal["auto", "allreduce", "diloco"]
+OptimizerSharding = Literal["zero1", "none"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class PlanOptions:
     refine_rounds: int = 200
     diloco: DilocoChoice = field(default_factory=DilocoChoice)
     skip: SkipChoice | None = None
+    optimizer_sharding: OptimizerSharding = "zero1"  # ZeRO-1 over each stage's data group
 
 
 @dataclass
@@ -71,7 +73,8 @@ class Decision:
 def decide(topology: Topology, config: ModelConfig, options: PlanOptions) -> Decision:
     fabrics = find_fabrics(topology)
     _require_devices(topology, config)
-    context = Context(topology, fabrics, Network(topology, fabrics), config, options.diloco)
+    context = Context(topology, fabrics, Network(topology, fabrics), config, options.diloco,
+                      options.optimizer_sharding)
     regime = _regime(fabrics, options.regime)
     layouts = _layouts(regime, context, options)
     layouts = [lay for lay in layouts if lay.stages <= config.model.layers] or layouts

@@ -69,7 +69,8 @@ def estimate_plan(plan: Plan, topology: Topology, config: ModelConfig,
     """Simulate the plan as written; with `full_routes`, the same placement, layers and
     memory caps with every microbatch through every stage (the skipping baseline)."""
     fabrics = find_fabrics(topology)
-    ctx = Context(topology, fabrics, Network(topology, fabrics), config)
+    ctx = Context(topology, fabrics, Network(topology, fabrics), config,
+                  optimizer_sharding=plan.optimizer.sharding)
     if plan.diloco is not None:
         d = plan.diloco
         ctx.diloco = DilocoChoice(d.sync_every, d.fragments, d.pattern, d.overlap_steps,
