@@ -71,7 +71,8 @@ class Trainer:
         self._print = log or (lambda line: print(line, file=sys.stderr, flush=True))
         self.pipeline = PipelineRuntime(
             model, run.schedule, run.placement.torch_rank, activation_shape=activation_shape,
-            device=run.torch_device(), stage_group=run.group_of_kind("data"))
+            device=run.torch_device(), stage_group=run.group_of_kind("data"),
+            p2p_group=run.p2p_group)
         self.params = list(self.pipeline.parameters())
         self.optimizer = make_optimizer(self.params)
         self.diloco = _make_diloco(run, self.params, self.optimizer)
