@@ -16,7 +16,7 @@ from holmes.hosts import CPU_HOST_FLAG
 from holmes.model import list_presets, load_model
 from holmes.plan import Plan, load_plan, save_plan
 from holmes.plan_build import build_plan, idle_lines, left_out_lines, summary
-from holmes.planner import PlanOptions, decide, naive_estimate
+from holmes.planner import PlanOptions, decide, naive_estimate, naive_like_estimate
 from holmes.review import (
     estimate_plan,
     plan_diloco,
@@ -30,6 +30,7 @@ from topology.schema import load_topology
 
 TOPOLOGY = click.Path(dir_okay=False, path_type=Path)
 TABLE_ROWS = 32
+NAIVE_LIKE = "naive, the plan's replicas and sync"
 
 
 @click.command()
@@ -231,8 +232,10 @@ def _memory_table(the_plan: Plan, topology) -> Table:  # noqa: ANN001
               help="Topology file (default: the one the plan names).")
 @click.option("--model", "model_name", help="Model file or preset (default: the plan's).")
 @click.option("--baseline", type=click.Choice(["none", "naive", "full"]), default="none",
-              show_default=True, help="naive: Megatron-style placement on the same devices; "
-              "full: the plan's placement with full-pipeline routes (no skipping).")
+              show_default=True, help="naive: Megatron's rank order on as many devices, the "
+              "plan's depth, per-step all-reduce, NCCL's own transport (and, for a plan with "
+              "replicas, the same rank order with its replicas and sync); full: the plan's "
+              "placement with full-pipeline routes (no skipping).")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 @reports_input_errors
 def simulate(plan_file: Path, topology_file: Path | None, model_name: str | None,
@@ -244,11 +247,16 @@ def simulate(plan_file: Path, topology_file: Path | None, model_name: str | None
     rows = {"plan": estimate_plan(the_plan, topology, config)}
     missing: dict[str, str] = {}
     if baseline == "naive":
-        try:
-            rows["naive"] = naive_estimate(planned_topology(the_plan, topology), config,
-                                           rows["plan"], plan_diloco(the_plan))
-        except InputError as exc:
-            missing["naive"] = exc.message
+        planned = planned_topology(the_plan, topology)
+        naives = {"naive": lambda: naive_estimate(planned, config, rows["plan"])}
+        if len(the_plan.replicas) > 1:
+            naives[NAIVE_LIKE] = lambda: naive_like_estimate(planned, config, rows["plan"],
+                                                             plan_diloco(the_plan))
+        for name, make in naives.items():
+            try:
+                rows[name] = make()
+            except InputError as exc:
+                missing[name] = exc.message
     if baseline == "full":
         rows["full pipeline"] = estimate_plan(the_plan, topology, config, full_routes=True)
     figures: dict[str, dict[str, object]] = {

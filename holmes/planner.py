@@ -6,7 +6,8 @@ layouts; split the layers of each with the ILP; simulate it with each way to syn
 replicas; keep the fastest. Per-step all-reduce between replicas is kept where it costs
 at most ALLREDUCE_TOLERANCE more than streaming DiLoCo (DiLoCo changes the optimiser, so
 it must earn its place); the user can force either. `naive_estimate` is the
-Megatron-style baseline the benchmarks compare with.
+Megatron-style baseline the benchmarks compare with (`naive_like_estimate` the same rank
+order with the plan's replicas and sync, to tell placement from sync gains).
 
 Hosts that cannot or should not take part (unreachable, no devices, CPU-only in a GPU
 job) are left out first (`holmes.hosts`), and links are estimated on the NCCL network
@@ -92,7 +93,7 @@ def decide(topology: Topology, config: ModelConfig, options: PlanOptions) -> Dec
     source, topology = topology, without_hosts(topology, [h.host for h in left_out])
     fabrics = find_fabrics(topology)
     _require_devices(topology, config)
-    selection, detail = _selection(topology, options.nccl_net)
+    selection, detail = _selection(topology, fabrics, options.nccl_net)
     context = Context(topology, fabrics, Network(topology, fabrics), config, options.diloco,
                       selection)
     regime = _regime(fabrics, options.regime)
@@ -120,10 +121,15 @@ def decide(topology: Topology, config: ModelConfig, options: PlanOptions) -> Dec
     return _with_skipping(decision, options.skip) if options.skip else decision
 
 
-def _selection(topology: Topology, wanted: NcclNet) -> tuple[Selection, str]:
-    """The NCCL network selection (only GPUs use NCCL; a CPU job needs no torch look-up)."""
+def _selection(topology: Topology, fabrics: list[Fabric], wanted: NcclNet
+               ) -> tuple[Selection, str]:
+    """The NCCL network selection. Only GPUs use NCCL; and where every group must run on
+    the same network (no RDMA fabric, or a single fabric) NCCL_NET per process is exact
+    and needs nothing of torch, so `auto` looks torch up only when groups can differ."""
     if not any(d.kind == "gpu" for h in topology.hosts for d in h.devices):
         return "per-communicator", "no GPUs: gloo"
+    if wanted == "auto" and (len(fabrics) == 1 or not any(f.rdma for f in fabrics)):
+        return "per-process", "every group runs on the same network"
     return choose_selection(wanted)
 
 
@@ -229,11 +235,21 @@ def _best(candidates: list[Estimate], wanted: Sync) -> Estimate:
     return best_plain if best_plain.step_s <= ALLREDUCE_TOLERANCE * fastest.step_s else fastest
 
 
-def naive_estimate(topology: Topology, config: ModelConfig, like: Estimate,
-                   diloco: DilocoChoice | None = None) -> Estimate:
-    """Megatron-style baseline on as many devices as `like` uses, with its depth, replica
-    count and sync: ranks in host order, pipeline outermost, equal layers, equal
-    data-parallel width, and NCCL's own transport choice (see `naive_shape_estimate`)."""
+def naive_estimate(topology: Topology, config: ModelConfig, like: Estimate) -> Estimate:
+    """What one would run without hetsched: Megatron's rank order on as many devices as
+    `like` uses, with its pipeline depth, one pipeline whose data-parallel groups take
+    devices / depth consecutive ranks, per-step all-reduce inside them, equal layers and
+    NCCL's own transport (see `naive_shape_estimate`)."""
+    stages = like.layout.stages
+    return naive_shape_estimate(topology, config, stages,
+                                max(1, len(like.layout.devices()) // stages))
+
+
+def naive_like_estimate(topology: Topology, config: ModelConfig, like: Estimate,
+                        diloco: DilocoChoice | None = None) -> Estimate:
+    """The naive rank order cut into `like`'s replicas and synced like it: the plan and
+    this differ only in placement and layer split (with one replica it is
+    `naive_estimate`). `naive_estimate` / this is what the replicas and their sync gain."""
     replicas, stages = len(like.layout.replicas), like.layout.stages
     dp = max(1, len(like.layout.devices()) // (stages * replicas))
     return naive_shape_estimate(topology, config, stages, dp, replicas, like.sync, diloco)
