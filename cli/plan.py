@@ -30,6 +30,7 @@ from topology.schema import load_topology
 
 TOPOLOGY = click.Path(dir_okay=False, path_type=Path)
 TABLE_ROWS = 32
+CANDIDATE_ROWS = 8
 NAIVE_LIKE = "naive, the plan's replicas and sync"
 
 
@@ -103,10 +104,12 @@ def _candidates_table(candidates: list[Estimate], chosen: Estimate) -> Table:
     table = Table(title="candidates (fastest first)")
     for column in ("", "layout", "stages", "sync", "s/iter", "tokens/s", "bubble"):
         table.add_column(column, justify="left" if column in ("layout", "sync") else "right")
-    for e in sorted(candidates, key=lambda e: e.step_s)[:8]:
+    for e in sorted(candidates, key=lambda e: e.step_s)[:CANDIDATE_ROWS]:
         table.add_row("*" if e is chosen else "", e.layout.description, str(e.layout.stages),
                       e.sync, f"{e.step_s:.4g}", f"{e.tokens_per_s:,.0f}",
                       f"{e.bubble_fraction:.0%}")
+    if len(candidates) > CANDIDATE_ROWS:
+        table.add_row("", f"… {len(candidates) - CANDIDATE_ROWS} more", "", "", "", "", "")
     return table
 
 
