@@ -2,7 +2,8 @@
 
 Stable keys (tools and people diff these files): `version`, `topology_sha256`, `model`,
 `sync`, `replicas`, `stages`, `paths`, `groups`, `diloco`, `optimizer`, `launch`,
-`estimates`. The file
+`estimates`, and `nccl_net_selection`, `left_out`, `idle` (see `Group`, `LeftOutHost`,
+`IdleDevice`). The file
 starts with a comment that says the plan in words. Devices are named `host:device`
 (`a1:gpu0`); ranks follow `launch` (node by node, device by device). Layer ranges are
 half-open: `layers: [0, 4]` holds layers 0, 1, 2 and 3.
@@ -64,17 +65,36 @@ class MicrobatchPath(Strict):
 class Group(Strict):
     """A process group with its backend and the NCCL/gloo environment chosen for its NICs.
 
-    Kinds: `pipeline` (a replica's P2P traffic), `data` (a stage's data-parallel devices,
+    Kinds: `pipeline` (a replica's P2P traffic; a replica that spans fabrics may also have
+    one per RDMA fabric, for the hops inside it), `data` (a stage's data-parallel devices,
     always inside one fabric), `replica` (per-step all-reduce of one stage lane across
     replicas, which does cross clusters) and `diloco` (the same lane's outer sync).
+    `transport` is the network the group really runs on (`holmes.transports`);
+    `nccl_config` the `ncclConfig_t` fields it is created with (`net_name`).
     """
 
     name: str
     kind: Literal["pipeline", "data", "replica", "diloco"]
     ranks: list[NonNegative] = Field(min_length=1)
     backend: Literal["nccl", "gloo"]
+    transport: Literal["infiniband", "roce", "socket"] | None = None
+    nccl_config: dict[str, str] = Field(default_factory=dict)
     env: dict[str, str] = Field(default_factory=dict)
     env_per_host: dict[str, dict[str, str]] = Field(default_factory=dict)
+
+
+class LeftOutHost(Strict):
+    """A host of the topology the plan does not consider, and why."""
+
+    host: str
+    reason: str
+
+
+class IdleDevice(Strict):
+    """A device of the topology no stage uses, and why."""
+
+    device: str
+    reason: str
 
 
 class DilocoSettings(Strict):
@@ -138,11 +158,14 @@ class Plan(Strict):
     paths: list[MicrobatchPath]
     skipping: Skipping | None = None
     groups: list[Group]
+    nccl_net_selection: Literal["per-communicator", "per-process"] | None = None
     diloco: DilocoSettings | None = None
     optimizer: OptimizerSettings = Field(
         default_factory=lambda: OptimizerSettings(sharding="none"))
     launch: list[LaunchHost] = Field(min_length=1)
     estimates: Estimates
+    left_out: list[LeftOutHost] = Field(default_factory=list)
+    idle: list[IdleDevice] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:

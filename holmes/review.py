@@ -1,8 +1,11 @@
 """Reading a plan back with the topology and model it was made for, and re-estimating it.
 
-`show` and `simulate` use this: the plan names its topology file and model; the
-topology's sha256 must match the one in the plan (a plan made for another network is a
-clear refusal). The plan's own stages, layers and routes are simulated as written.
+`show` and `simulate` use this: the plan names its topology file and model file (both
+relative to the plan file, so it can be reviewed from any directory); the topology's
+sha256 must match the one in the plan (a plan made for another network is a clear
+refusal). The plan's own stages, layers and routes are simulated as written, on the
+hosts it planned with (without its `left_out` hosts) and with the NCCL network
+selection it was made for.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from pathlib import Path
 
 from holmes.estimate import Context, DilocoChoice, Estimate, estimate
 from holmes.fabric import find_fabrics
-from holmes.model import ModelConfig, load_model
+from holmes.hosts import without_hosts
+from holmes.model import ModelConfig, list_presets, load_model
 from holmes.network import Network
 from holmes.partition import Partition
 from holmes.placement import Layout
@@ -37,8 +41,30 @@ def plan_topology(plan: Plan, plan_path: Path, topology_path: Path | None) -> To
     return topology
 
 
-def plan_model(plan: Plan, model: str | None) -> ModelConfig:
-    return load_model(model or plan.model.source or plan.model.name)
+def plan_model(plan: Plan, model: str | None, plan_path: Path | None = None) -> ModelConfig:
+    """`model` (a preset or a path as typed), else the plan's model: its `source` is a
+    preset name or a file relative to the plan file (`plan_path`)."""
+    if model is not None:
+        return load_model(model)
+    source = plan.model.source or plan.model.name
+    if plan_path is not None and source not in list_presets():
+        candidate = Path(source)
+        if not candidate.is_absolute():
+            return load_model(plan_path.parent / candidate)
+    return load_model(source)
+
+
+def planned_topology(plan: Plan, topology: Topology) -> Topology:
+    """The topology the plan was planned on: the given one without its left-out hosts."""
+    return without_hosts(topology, [h.host for h in plan.left_out])
+
+
+def plan_diloco(plan: Plan) -> DilocoChoice:
+    d = plan.diloco
+    if d is None:
+        return DilocoChoice()
+    return DilocoChoice(d.sync_every, d.fragments, d.pattern, d.overlap_steps, d.alpha,
+                        d.quantization)
 
 
 def layout_of(plan: Plan) -> Layout:
@@ -68,13 +94,10 @@ def estimate_plan(plan: Plan, topology: Topology, config: ModelConfig,
                   full_routes: bool = False) -> Estimate:
     """Simulate the plan as written; with `full_routes`, the same placement, layers and
     memory caps with every microbatch through every stage (the skipping baseline)."""
+    topology = planned_topology(plan, topology)
     fabrics = find_fabrics(topology)
-    ctx = Context(topology, fabrics, Network(topology, fabrics), config,
-                  optimizer_sharding=plan.optimizer.sharding)
-    if plan.diloco is not None:
-        d = plan.diloco
-        ctx.diloco = DilocoChoice(d.sync_every, d.fragments, d.pattern, d.overlap_steps,
-                                  d.alpha, d.quantization)
+    ctx = Context(topology, fabrics, Network(topology, fabrics), config, plan_diloco(plan),
+                  plan.nccl_net_selection or "per-communicator", plan.optimizer.sharding)
     sync = "diloco" if plan.sync == "diloco" else ("allreduce" if len(plan.replicas) > 1
                                                    else "none")
     in_flight = plan.skipping.in_flight if plan.skipping is not None else None

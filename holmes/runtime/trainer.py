@@ -79,7 +79,8 @@ class Trainer:
         data = run.group_of_kind("data")
         self.pipeline = PipelineRuntime(
             model, run.schedule, run.placement.torch_rank, activation_shape=activation_shape,
-            device=run.torch_device(), stage_group=data, sync="none")
+            device=run.torch_device(), stage_group=data, sync="none",
+            p2p_group=run.p2p_group)
         self.params = list(self.pipeline.parameters())
         self.shards = None if data is None else StageShards(
             self.params, data, lanes=[run.torch_rank_of[d] for d in self._stage_devices()])
