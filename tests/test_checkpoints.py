@@ -1,0 +1,380 @@
+"""Checkpoints that lose nothing: checked files, a fallback past damaged steps, other plans.
+
+In one process, `holmes.runtime.checkpoints` finds each kind of damage (truncated, empty,
+flipped bytes, garbage, a missing file, a damaged manifest), ignores what is not a
+checkpoint and refuses a checkpoint path that is not a folder. On gloo ranks
+(tests/trainer_worker.py, the tiny GPT, plans from the planner): a resume skips a damaged
+newest step with one line naming the file and continues bit for bit from the intact one,
+all ranks agreeing even when only one of them needs the damaged file; with nothing intact
+it stops with one error. Then the per-layer format: 20 steps on a 2-stage plan resume on a
+4-stage plan with another layer split, and on one stage of 2 ZeRO-1 lanes; the next two
+steps' losses equal one process's from the same state (1e-5), and the 4-stage plan writes
+back the very entries it read. DiLoCo's per-replica and outer state move from one stage to
+two stages per replica, entry for entry.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from trainer_worker import launch, lr_at, make_batch, make_model, make_optimizer
+
+from holmes.estimate import DilocoChoice
+from holmes.model import load_model
+from holmes.plan import load_plan, save_plan
+from holmes.plan_build import build_plan, summary
+from holmes.planner import PlanOptions, decide
+from holmes.runtime import checkpoints
+from holmes.runtime.checkpoints import FORMAT, FileEntry, Manifest, Problem
+from topology.errors import InputError
+from topology.schema import load_topology
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_YAML = """\
+version: 1
+model: {name: ckpt-gpt, arch: gpt, layers: 8, hidden: 32, heads: 2, ffn: 128, vocab: 256,
+        seq_len: 16, dtype: fp32, tie_embeddings: true}
+training: {global_batch: 8, microbatch: 2, steps: 10, recompute: none}
+"""
+RUN = {"model": {"block_size": 16, "n_layer": 8, "n_head": 2, "n_embd": 32}, "seed": 7,
+       "optimizer": "adamw", "lr": 1e-2, "steps": 6, "schedule": True}
+MICROBATCHES, MICROBATCH = 4, 2
+
+
+def topology(sites: dict[str, int], wan_gbps: float = 5.0) -> dict[str, Any]:
+    hosts = [{"name": f"{site}{i + 1}", "site": site, "address": "127.0.0.1", "cpu_cores": 2,
+              "memory_gb": 8, "devices": [{"name": "cpu0", "kind": "cpu", "memory_gb": 8,
+                                           "tflops": 0.05}],
+              "nics": [{"name": "lo", "kind": "ethernet", "virtual": True, "state": "up",
+                        "netdev": "lo"}]}
+             for site, count in sites.items() for i in range(count)]
+    links = [{"a": a["name"], "b": b["name"], "latency_ms": 0.2,
+              "bandwidth_gbps": 1.0 if a["site"] == b["site"] else wan_gbps}
+             for i, a in enumerate(hosts) for b in hosts[i + 1:]]
+    return {"version": 1, "sites": [{"name": s} for s in sites], "hosts": hosts, "links": links}
+
+
+def make_plan(folder: Path, sites: dict[str, int], stages: int,
+              layers: list[tuple[int, int]] | None = None, wan_gbps: float = 5.0,
+              **options: Any) -> Path:
+    """A planner's plan; `layers` overrides each replica's split (stage by stage)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "topology.yaml").write_text(
+        yaml.safe_dump(topology(sites, wan_gbps), sort_keys=False))
+    (folder / "model.yaml").write_text(MODEL_YAML)
+    decision = decide(load_topology(folder / "topology.yaml"),
+                      load_model(str(folder / "model.yaml")),
+                      PlanOptions(stages=stages, **options))
+    plan = build_plan(decision, topology_file="topology.yaml")
+    if layers is not None:
+        split = {sid: layers[i] for r in plan.replicas for i, sid in enumerate(r.stages)}
+        plan = plan.model_copy(update={"stages": [
+            s.model_copy(update={"layers": split[s.id]}) for s in plan.stages]})
+    path = folder / "plan.yaml"
+    save_plan(plan, path, summary(decision, plan, "test"))
+    assert len(load_plan(path).replicas[0].stages) == stages
+    return path
+
+
+def entries_of(folder: Path) -> dict[str, Any]:
+    """Every entry of a step folder, read the plain way (a reference independent of the
+    runtime's reader)."""
+    manifest = json.loads((folder / "manifest.json").read_text())["manifest"]
+    out: dict[str, Any] = {}
+    for name in manifest["files"]:
+        out.update(torch.load(folder / name, weights_only=True))
+    return out
+
+
+def log_lines(out: Path) -> list[str]:
+    return (out / "rank0.log").read_text().splitlines()
+
+
+# ---------------------------------------------------------------- in one process
+
+
+def write_step(directory: Path, step: int, entries: dict[str, Any]) -> Path:
+    folder = checkpoints.step_folder(directory, step)
+    record = checkpoints.write_rank_file(folder, 0, entries)
+    checkpoints.write_manifest(folder, Manifest(
+        format=FORMAT, step=step, sync="allreduce", replicas=1, optimizer="AdamW",
+        files={record["name"]: FileEntry(sha256=record["sha256"], size=record["size"],
+                                         entries=record["entries"])}))
+    return folder
+
+
+def flip_bytes(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle: middle + 4] = bytes(b ^ 0xFF for b in data[middle: middle + 4])
+    path.write_bytes(bytes(data))
+
+
+DAMAGE: dict[str, tuple[Callable[[Path], None], str]] = {
+    "truncated": (lambda p: p.write_bytes(p.read_bytes()[:-100]), r"\(truncated\)"),
+    "zero bytes": (lambda p: p.write_bytes(b""), r"0 bytes, the manifest says \d+ \(empty\)"),
+    "flipped bytes": (flip_bytes, "sha256 differs from the manifest"),
+    "garbage": (lambda p: p.write_bytes(bytes(range(256)) * (p.stat().st_size // 256 + 1)),
+                r"\(too long\)"),
+    "same-size garbage": (lambda p: p.write_bytes(b"\x17" * p.stat().st_size),
+                          "sha256 differs from the manifest"),
+    "missing": (lambda p: p.unlink(), "missing"),
+}
+
+
+@pytest.mark.parametrize("kind", list(DAMAGE))
+def test_each_kind_of_damage_is_found_and_names_the_file(tmp_path: Path, kind: str) -> None:
+    folder = write_step(tmp_path, 10, {"model/w": torch.arange(1000.0)})
+    manifest = checkpoints.read_manifest(folder)
+    assert isinstance(manifest, Manifest)
+    assert checkpoints.verify(folder, manifest, ["rank-0.pt"]) == []
+    damage, reason = DAMAGE[kind]
+    damage(folder / "rank-0.pt")
+    problems = checkpoints.verify(folder, manifest, ["rank-0.pt"])
+    assert len(problems) == 1 and problems[0].path == folder / "rank-0.pt"
+    assert re.search(reason, problems[0].reason), problems
+
+
+def test_a_damaged_manifest_is_a_problem_not_a_crash(tmp_path: Path) -> None:
+    folder = write_step(tmp_path, 10, {"model/w": torch.zeros(3)})
+    path = folder / "manifest.json"
+    text = path.read_text()
+    path.write_text(text.replace('"step": 10', '"step": 11'))  # valid JSON, edited
+    assert "does not match its text" in checkpoints.read_manifest(folder).reason
+    path.write_text(text[: len(text) // 2])
+    assert "not readable JSON" in checkpoints.read_manifest(folder).reason
+    path.unlink()
+    problem = checkpoints.read_manifest(folder)
+    assert isinstance(problem, Problem) and problem.path == path and "missing" in problem.reason
+
+
+def test_what_is_not_a_checkpoint_is_ignored_and_never_pruned(tmp_path: Path) -> None:
+    for step in (10, 20, 30):
+        write_step(tmp_path, step, {"model/w": torch.zeros(3)})
+    (tmp_path / "step-latest").mkdir()
+    (tmp_path / "step-abc").mkdir()
+    (tmp_path / "step-123").mkdir()
+    (tmp_path / "step-00000040").write_text("a file, not a folder")
+    (tmp_path / "step-00000050").mkdir()  # cut short: no manifest
+    (tmp_path / "step-00000005").mkdir()  # cut short, older than every checkpoint
+    assert checkpoints.steps(tmp_path) == [10, 20, 30]
+    checkpoints.prune(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "step-00000020", "step-00000030", "step-00000040", "step-00000050", "step-123",
+        "step-abc", "step-latest"]
+    assert checkpoints.steps(tmp_path) == [20, 30]
+
+
+def test_a_checkpoint_path_that_is_not_a_folder_is_refused(tmp_path: Path) -> None:
+    assert checkpoints.checkpoint_folder(None) is None
+    assert checkpoints.checkpoint_folder(tmp_path / "new") == tmp_path / "new"  # made later
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="file: is not a directory"):
+        checkpoints.checkpoint_folder(tmp_path / "file")
+    with pytest.raises(InputError, match="new: no such checkpoint folder"):
+        checkpoints.checkpoint_folder(tmp_path / "new", must_exist=True)
+
+
+@pytest.mark.parametrize("flag", ["--checkpoint-dir", "--resume-from"])
+def test_the_example_script_refuses_a_bad_folder_before_training(tmp_path: Path,
+                                                                   flag: str) -> None:
+    (tmp_path / "ckpt").write_text("a file where the folder should be")
+    target = tmp_path / ("ckpt" if flag == "--checkpoint-dir" else "absent")
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "train_tinygpt.py"), flag,
+                           str(target)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"error: {target}: " + ("is not a directory; a checkpoint folder must be one"
+                                if flag == "--checkpoint-dir" else "no such checkpoint folder")]
+
+
+# ---------------------------------------------------------------- resuming on gloo ranks
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    """A 1-process plan, 6 steps, checkpoints at 4 and 6 (and 2, pruned)."""
+    root = tmp_path_factory.mktemp("one-rank")
+    plan = make_plan(root / "plan", {"a": 1}, stages=1)
+    folder = root / "ckpt"
+    straight = launch(plan, dict(RUN, checkpoint_every=2, checkpoint_dir=str(folder)),
+                      root / "straight")[0]
+    assert checkpoints.steps(folder) == [4, 6]
+    return plan, folder, straight
+
+
+@pytest.mark.parametrize("kind", ["truncated", "zero bytes", "flipped bytes", "missing"])
+def test_a_damaged_newest_step_is_skipped_and_the_run_continues_bit_for_bit(
+        tmp_path: Path, one_rank: tuple[Path, Path, dict], kind: str) -> None:
+    plan, original, straight = one_rank
+    folder = tmp_path / "ckpt"
+    shutil.copytree(original, folder)
+    DAMAGE[kind][0](folder / "step-00000006" / "rank-0.pt")
+    (folder / "step-latest").mkdir()  # strays: never fatal, never removed
+    (folder / "step-00000009").write_text("not a folder")
+    resumed = launch(plan, dict(RUN, checkpoint_every=2, checkpoint_dir=str(folder)),
+                     tmp_path / "out")[0]
+    assert resumed["start_step"] == 4
+    skipped = [line for line in log_lines(tmp_path / "out") if "skipped" in line]
+    assert len(skipped) == 1 and str(folder / "step-00000006" / "rank-0.pt") in skipped[0]
+    assert f"resumed from step 4 ({folder / 'step-00000004'})" in log_lines(tmp_path / "out")
+    for name, value in resumed["params"].items():
+        assert torch.equal(value, straight["params"][name]), name
+    assert (folder / "step-latest").is_dir() and (folder / "step-00000009").is_file()
+    assert checkpoints.steps(folder) == [4, 6]  # step 6 written anew
+
+
+def test_ranks_agree_on_a_step_that_only_one_of_them_finds_damaged(tmp_path: Path) -> None:
+    # two stages: rank 0 reads only rank-0.pt, rank 1 only rank-1.pt; damage rank-1.pt of
+    # the newest step and both ranks must go back to the older step
+    plan = make_plan(tmp_path / "plan", {"a": 2}, stages=2, layers=[(0, 5), (5, 8)])
+    folder = tmp_path / "ckpt"
+    run = dict(RUN, steps=4, checkpoint_every=2, checkpoint_dir=str(folder))
+    straight = launch(plan, run, tmp_path / "straight")
+    flip_bytes(folder / "step-00000004" / "rank-1.pt")
+    resumed = launch(plan, run, tmp_path / "resumed")
+    assert [r["start_step"] for r in resumed] == [2, 2]
+    for again, whole in zip(resumed, straight, strict=True):
+        for name, value in again["params"].items():
+            assert torch.equal(value, whole["params"][name]), name
+    # nothing intact: one error on every rank, not a silent fresh start
+    flip_bytes(folder / "step-00000004" / "rank-0.pt")
+    (folder / "step-00000002" / "rank-1.pt").unlink()
+    with pytest.raises(RuntimeError, match="no checkpoint that every rank can read intact "
+                                           r"\(2 tried; the newest: .*step-00000004"):
+        launch(plan, run, tmp_path / "refused")
+    lines = [line for line in log_lines(tmp_path / "refused") if "skipped" in line]
+    assert len(lines) == 2  # one line per damaged file, from rank 0 only
+    assert f"step 4 skipped: {folder / 'step-00000004' / 'rank-0.pt'}: sha256" in lines[0]
+    assert lines[1].endswith(f"step 2 skipped: {folder / 'step-00000002' / 'rank-1.pt'}: "
+                             "missing")
+
+
+# ---------------------------------------------------------------- another plan
+
+
+def reference_losses(folder: Path, run: dict[str, Any], steps: list[int]) -> list[float]:
+    """One process, the whole model and its AdamW loaded by name from `folder`; the mean
+    loss of each step over every microbatch of the global batch."""
+    entries = entries_of(folder)
+    model = make_model(run)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(entries[f"model/{name}"])
+    optimizer = make_optimizer(run, list(params.values()))
+    state = optimizer.state_dict()
+    for index, name in enumerate(params):
+        state["state"][index] = {e.rsplit("/", 1)[1]: v for e, v in entries.items()
+                                 if e.startswith(f"optim/{name}/")}
+    optimizer.load_state_dict(state)
+    losses = []
+    for step in steps:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(run, step)
+        total = 0.0
+        for mb in range(MICROBATCHES):
+            _, loss = model(*make_batch(run, step, mb, MICROBATCH))
+            (loss / MICROBATCHES).backward()
+            total += loss.item()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(total / MICROBATCHES)
+    return losses
+
+
+@pytest.fixture(scope="module")
+def two_stages(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """20 steps on a 2-stage plan, layers [0, 5) and [5, 8); its checkpoint folder."""
+    root = tmp_path_factory.mktemp("two-stages")
+    plan = make_plan(root / "plan", {"a": 2}, stages=2, layers=[(0, 5), (5, 8)])
+    folder = root / "ckpt"
+    launch(plan, dict(RUN, steps=20, checkpoint_every=10, checkpoint_dir=str(folder)),
+           root / "out")
+    assert checkpoints.steps(folder) == [10, 20]
+    return folder
+
+
+RESHARDED = {
+    "4 stages, layers [0,2) [2,4) [4,6) [6,8)": (
+        {"a": 4}, 4, [(0, 2), (2, 4), (4, 6), (6, 8)], "zero1"),
+    "1 stage of 2 lanes with ZeRO-1": ({"a": 2}, 1, None, "zero1"),
+}
+
+
+@pytest.mark.parametrize("case", list(RESHARDED))
+def test_resume_under_another_plan_steps_like_one_process(
+        tmp_path: Path, two_stages: Path, case: str) -> None:
+    sites, stages, layers, sharding = RESHARDED[case]
+    plan = make_plan(tmp_path / "plan", sites, stages, layers, optimizer_sharding=sharding)
+    width = len(load_plan(plan).stages[0].devices)
+    assert width == (2 if stages == 1 else 1)
+    run = dict(RUN, steps=22, log_every=1, resume_from=str(two_stages),
+               checkpoint_dir=str(tmp_path / "ckpt"))
+    ranks = launch(plan, run, tmp_path / "out")
+    assert {r["start_step"] for r in ranks} == {20}
+    got = ranks[0]["losses"]
+    want = reference_losses(two_stages / "step-00000020", run, [20, 21])
+    assert sorted(got) == [21, 22]
+    assert got[21] == pytest.approx(want[0], abs=1e-5)
+    assert got[22] == pytest.approx(want[1], abs=1e-5)  # the optimizer state came too
+    assert checkpoints.steps(tmp_path / "ckpt") == [22]
+
+
+def test_another_plan_writes_back_the_entries_it_read(tmp_path: Path, two_stages: Path) -> None:
+    plan = make_plan(tmp_path / "plan", {"a": 4}, 4, [(0, 3), (3, 4), (4, 7), (7, 8)])
+    out = tmp_path / "ckpt"
+    launch(plan, dict(RUN, steps=20, resume_from=str(two_stages), checkpoint_dir=str(out)),
+           tmp_path / "out")  # nothing to train: finish() writes step 20 under this plan
+    before, after = entries_of(two_stages / "step-00000020"), entries_of(out / "step-00000020")
+    assert before.keys() == after.keys()
+    for entry, value in before.items():
+        same = torch.equal(value, after[entry]) if isinstance(value, torch.Tensor) \
+            else value == after[entry]
+        assert same, entry
+    files = json.loads((out / "step-00000020" / "manifest.json").read_text())["manifest"]
+    assert sorted(files["files"]) == ["rank-0.pt", "rank-1.pt", "rank-2.pt", "rank-3.pt"]
+
+
+@pytest.mark.slow
+def test_diloco_state_moves_to_more_stages_entry_for_entry(tmp_path: Path) -> None:
+    # DiLoCo between two sites: one stage per replica, then two stages per replica. Every
+    # replica's weights and optimizer, the outer global values and momentum and the inner
+    # step count come back under the new split exactly; the new plan then trains on.
+    wan = 0.01
+    choice = DilocoChoice(sync_every=4, fragments=2, overlap_steps=1)
+    one = make_plan(tmp_path / "one", {"a": 1, "b": 1}, 1, wan_gbps=wan, sync="diloco",
+                    diloco=choice)
+    two = make_plan(tmp_path / "two", {"a": 2, "b": 2}, 2, wan_gbps=wan, sync="diloco",
+                    diloco=choice)
+    assert [len(load_plan(p).replicas) for p in (one, two)] == [2, 2]
+    first = tmp_path / "ckpt-one"
+    launch(one, dict(RUN, steps=8, checkpoint_every=8, checkpoint_dir=str(first)),
+           tmp_path / "out-one")
+    second = tmp_path / "ckpt-two"
+    run = dict(RUN, steps=8, resume_from=str(first), checkpoint_dir=str(second))
+    launch(two, run, tmp_path / "out-two")
+    before, after = entries_of(first / "step-00000008"), entries_of(second / "step-00000008")
+    assert before.keys() == after.keys()
+    assert any(e.startswith("outer/momentum/") for e in before)
+    assert any(e.startswith("replica1/optim/") for e in before)
+    for entry, value in before.items():
+        same = torch.equal(value, after[entry]) if isinstance(value, torch.Tensor) \
+            else value == after[entry]
+        assert same, entry
+    manifests = [json.loads((f / "step-00000008" / "manifest.json").read_text())["manifest"]
+                 for f in (first, second)]
+    assert manifests[0]["inner_steps"] == manifests[1]["inner_steps"] == 8
+    ranks = launch(two, dict(run, steps=12, log_every=1), tmp_path / "out-more")
+    assert {r["start_step"] for r in ranks} == {8}
+    assert sorted(ranks[0]["losses"]) == [9, 10, 11, 12]
