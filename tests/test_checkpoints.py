@@ -20,22 +20,25 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import yaml
+from diloco_worker import single_process_group
 from trainer_worker import launch, lr_at, make_batch, make_model, make_optimizer
 
+from diloco import DiLoCo
 from holmes.estimate import DilocoChoice
 from holmes.model import load_model
 from holmes.plan import load_plan, save_plan
 from holmes.plan_build import build_plan, summary
 from holmes.planner import PlanOptions, decide
-from holmes.runtime import checkpoints
+from holmes.runtime import PlanRun, checkpoints, train_state
 from holmes.runtime.checkpoints import FORMAT, FileEntry, Manifest, Problem
+from holmes.runtime.plan_run import Placement
 from topology.errors import InputError
 from topology.schema import load_topology
 
@@ -196,6 +199,103 @@ def test_the_example_script_refuses_a_bad_folder_before_training(tmp_path: Path,
     assert done.stderr.strip().splitlines() == [
         f"error: {target}: " + ("is not a directory; a checkpoint folder must be one"
                                 if flag == "--checkpoint-dir" else "no such checkpoint folder")]
+
+
+# ---------------------------------------------------------------- which entries a rank reads
+
+
+@pytest.fixture(scope="module")
+def group() -> Iterator[None]:
+    with single_process_group():
+        yield
+
+
+def rank_state(plan_path: Path, replica: int, diloco: bool) -> train_state.RankState:
+    """Replica `replica`'s first device of `plan_path` as a RankState (no pipeline: the
+    read plan only needs the placement, the parameters, the optimizer and the DiLoCo)."""
+    plan = load_plan(plan_path)
+    stage = plan.stage(plan.replicas[replica].stages[0])
+    device = stage.devices[0]
+    placement = Placement(device.split(":")[0], device, plan.rank_of()[device], 0,
+                          plan.replicas[replica].id, 0, 0)
+    run = PlanRun(plan, plan_path, placement, {}, {}, None, 0)  # type: ignore[arg-type]
+    model = torch.nn.Linear(2, 2)
+    named = list(model.named_parameters())
+    outer = DiLoCo(model, sync_every=4, broadcast_initial=False) if diloco else None
+    return train_state.RankState(run, named, torch.optim.AdamW(model.parameters()), False,
+                                 outer, {n: n for n, _ in named})
+
+
+def manifest_of(sync: str, replicas: int, entries: list[str]) -> Manifest:
+    return Manifest(format=FORMAT, step=8, sync=sync, replicas=replicas, optimizer="AdamW",
+                    inner_steps=8 if sync == "diloco" else None, files={"rank-0.pt": FileEntry(
+                        sha256="0" * 64, size=1, entries=entries)})
+
+
+def diloco_entries(replicas: int) -> list[str]:
+    names = ["weight", "bias"]
+    return [*(f"replica{r}/{kind}/{n}" for r in range(replicas) for n in names
+              for kind in ("model", "optim", "group")),
+            *(f"outer/{kind}/{n}" for n in names for kind in ("global", "momentum"))]
+
+
+@pytest.fixture(scope="module")
+def plans(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("plans")
+    return {"diloco-2": make_plan(root / "d2", {"a": 1, "b": 1}, 1, wan_gbps=0.01,
+                                  sync="diloco"),
+            "allreduce": make_plan(root / "a1", {"a": 1}, 1, sync="allreduce")}
+
+
+def read(state: train_state.RankState, manifest: Manifest) -> train_state.ReadPlan:
+    plan = train_state.read_plan(state, manifest, Path("ckpt/step-00000008"))
+    assert isinstance(plan, train_state.ReadPlan), plan
+    return plan
+
+
+def test_each_replica_reads_its_own_or_the_global_state(group: None,
+                                                          plans: dict[str, Path]) -> None:
+    assert len(load_plan(plans["diloco-2"]).replicas) == 2
+    kept = read(rank_state(plans["diloco-2"], 1, diloco=True),
+                manifest_of("diloco", 2, diloco_entries(2)))
+    assert kept.weights == {"weight": "replica1/model/weight", "bias": "replica1/model/bias"}
+    assert kept.optim == {"weight": ["replica1/optim/weight"], "bias": ["replica1/optim/bias"]}
+    assert kept.outer["weight"] == {"global": "outer/global/weight",
+                                    "momentum": "outer/momentum/weight"}
+    assert kept.inner_steps == 8
+    one = manifest_of("diloco", 1, diloco_entries(1))
+    new = read(rank_state(plans["diloco-2"], 1, diloco=True), one)
+    assert new.weights == {"weight": "outer/global/weight", "bias": "outer/global/bias"}
+    assert new.optim == {} and new.groups == {}
+    assert new.notes == ["replicas 1..1 are new to the run: they start from the global "
+                         "parameters with a fresh optimizer"]
+    assert read(rank_state(plans["diloco-2"], 0, diloco=True), one).weights == {
+        "weight": "replica0/model/weight", "bias": "replica0/model/bias"}
+    fewer = read(rank_state(plans["diloco-2"], 0, diloco=True),
+                 manifest_of("diloco", 3, diloco_entries(3)))
+    assert fewer.notes == ["the checkpoint's replicas 2..2 are left out: their steps since "
+                           "their last sync are lost"]
+
+
+def test_reads_across_sync_kinds_and_refusals(group: None, plans: dict[str, Path]) -> None:
+    synced = read(rank_state(plans["allreduce"], 0, diloco=False),
+                  manifest_of("diloco", 2, diloco_entries(2)))
+    assert synced.weights == {"weight": "replica0/model/weight", "bias": "replica0/model/bias"}
+    assert synced.outer == {} and "the outer state is dropped" in synced.notes[0]
+    flat = manifest_of("allreduce", 2, ["model/weight", "model/bias", "optim/weight/step"])
+    started = read(rank_state(plans["diloco-2"], 1, diloco=True), flat)
+    assert started.weights == {"weight": "model/weight", "bias": "model/bias"}
+    assert started.optim == {"weight": ["optim/weight/step"], "bias": []}
+    assert started.outer == {} and started.inner_steps == 0
+    assert started.notes == ["DiLoCo starts its outer state from the resumed weights"]
+    state = rank_state(plans["allreduce"], 0, diloco=False)
+    other_model = manifest_of("allreduce", 2, ["model/weight"])
+    problem = train_state.read_plan(state, other_model, Path("ckpt/step-00000008"))
+    assert isinstance(problem, Problem)
+    assert problem.reason == "has no entry model/bias (written for another model?)"
+    sgd = flat.model_copy(update={"optimizer": "SGD"})
+    problem = train_state.read_plan(state, sgd, Path("ckpt/step-00000008"))
+    assert problem.reason == "written with the optimizer SGD, this run uses AdamW"
 
 
 # ---------------------------------------------------------------- resuming on gloo ranks
@@ -378,3 +478,18 @@ def test_diloco_state_moves_to_more_stages_entry_for_entry(tmp_path: Path) -> No
     ranks = launch(two, dict(run, steps=12, log_every=1), tmp_path / "out-more")
     assert {r["start_step"] for r in ranks} == {8}
     assert sorted(ranks[0]["losses"]) == [9, 10, 11, 12]
+
+    # a plan without DiLoCo (one process) takes replica 0's weights and optimizer
+    alone = make_plan(tmp_path / "alone", {"a": 1}, 1)
+    third = tmp_path / "ckpt-alone"
+    launch(alone, dict(RUN, steps=8, resume_from=str(first), checkpoint_dir=str(third)),
+           tmp_path / "out-alone")
+    assert any("every replica resumes replica 0's weights and optimizer; the outer state is "
+               "dropped" in line for line in log_lines(tmp_path / "out-alone"))
+    taken = entries_of(third / "step-00000008")
+    assert taken.keys() == {e.removeprefix("replica0/") for e in before
+                            if e.startswith("replica0/")}
+    for entry, value in taken.items():
+        same = torch.equal(value, before[f"replica0/{entry}"]) \
+            if isinstance(value, torch.Tensor) else value == before[f"replica0/{entry}"]
+        assert same, entry
