@@ -162,20 +162,23 @@ def test_a_damaged_manifest_is_a_problem_not_a_crash(tmp_path: Path) -> None:
 
 
 def test_what_is_not_a_checkpoint_is_ignored_and_never_pruned(tmp_path: Path) -> None:
-    for step in (10, 20, 30):
+    for step in (10, 20, 30, 40):
         write_step(tmp_path, step, {"model/w": torch.zeros(3)})
     (tmp_path / "step-latest").mkdir()
     (tmp_path / "step-abc").mkdir()
     (tmp_path / "step-123").mkdir()
-    (tmp_path / "step-00000040").write_text("a file, not a folder")
+    (tmp_path / "step-00000045").write_text("a file, not a folder")
     (tmp_path / "step-00000050").mkdir()  # cut short: no manifest
     (tmp_path / "step-00000005").mkdir()  # cut short, older than every checkpoint
-    assert checkpoints.steps(tmp_path) == [10, 20, 30]
-    checkpoints.prune(tmp_path, keep=2)
+    assert checkpoints.steps(tmp_path) == [10, 20, 30, 40]
+    assert checkpoints.cut_short(tmp_path) == [tmp_path / "step-00000005",
+                                               tmp_path / "step-00000050"]
+    # just written: step 30 (step 40 is from a run that went back past it): keep 20 and 30
+    checkpoints.prune(tmp_path, newest=30, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "step-00000020", "step-00000030", "step-00000040", "step-00000050", "step-123",
-        "step-abc", "step-latest"]
-    assert checkpoints.steps(tmp_path) == [20, 30]
+        "step-00000020", "step-00000030", "step-00000040", "step-00000045", "step-00000050",
+        "step-123", "step-abc", "step-latest"]
+    assert checkpoints.steps(tmp_path) == [20, 30, 40]
 
 
 def test_a_checkpoint_path_that_is_not_a_folder_is_refused(tmp_path: Path) -> None:
@@ -322,15 +325,20 @@ def test_a_damaged_newest_step_is_skipped_and_the_run_continues_bit_for_bit(
     DAMAGE[kind][0](folder / "step-00000006" / "rank-0.pt")
     (folder / "step-latest").mkdir()  # strays: never fatal, never removed
     (folder / "step-00000009").write_text("not a folder")
+    (folder / "step-00000008").mkdir()  # a write cut short: said, then ignored
     resumed = launch(plan, dict(RUN, checkpoint_every=2, checkpoint_dir=str(folder)),
                      tmp_path / "out")[0]
     assert resumed["start_step"] == 4
     skipped = [line for line in log_lines(tmp_path / "out") if "skipped" in line]
     assert len(skipped) == 1 and str(folder / "step-00000006" / "rank-0.pt") in skipped[0]
     assert f"resumed from step 4 ({folder / 'step-00000004'})" in log_lines(tmp_path / "out")
+    assert f"{folder / 'step-00000008'}: no manifest.json, not a checkpoint (a write cut " \
+        "short, or one from before checkpoints had manifests); ignored" \
+        in log_lines(tmp_path / "out")
     for name, value in resumed["params"].items():
         assert torch.equal(value, straight["params"][name]), name
     assert (folder / "step-latest").is_dir() and (folder / "step-00000009").is_file()
+    assert (folder / "step-00000008").is_dir()
     assert checkpoints.steps(folder) == [4, 6]  # step 6 written anew
 
 

@@ -123,26 +123,34 @@ def step_folder(directory: Path, step: int) -> Path:
 def steps(directory: Path | None) -> list[int]:
     """The steps under `directory` whose folder has a manifest (maybe a damaged one),
     oldest first. Other names, files and folders cut short are not checkpoints."""
-    if directory is None or not directory.is_dir():
-        return []
-    found = []
-    for path in directory.iterdir():
-        match = _STEP.fullmatch(path.name)
-        if match and path.is_dir() and (path / MANIFEST).is_file():
-            found.append(int(match.group(1)))
-    return sorted(found)
+    return sorted(step for step, folder in _step_folders(directory)
+                  if (folder / MANIFEST).is_file())
 
 
-def prune(directory: Path, keep: int = KEEP_CHECKPOINTS) -> None:
-    """Remove the step folders older than the newest `keep` checkpoints (ignoring every
-    name that is not a step folder)."""
-    kept = steps(directory)[-keep:]
+def cut_short(directory: Path | None) -> list[Path]:
+    """Step folders without a manifest: a write that did not finish (or a folder written
+    before checkpoints had manifests)."""
+    return sorted(folder for _, folder in _step_folders(directory)
+                  if not (folder / MANIFEST).exists())
+
+
+def prune(directory: Path, newest: int, keep: int = KEEP_CHECKPOINTS) -> None:
+    """Keep the `keep` newest checkpoints up to step `newest` (the one just written);
+    remove the step folders older than them. Later steps (left by a run that went back
+    past a damaged one) and names that are not step folders stay."""
+    kept = [s for s in steps(directory) if s <= newest][-keep:]
     if len(kept) < keep:
         return
-    for path in directory.iterdir():
-        match = _STEP.fullmatch(path.name)
-        if match and path.is_dir() and int(match.group(1)) < kept[0]:
-            shutil.rmtree(path, ignore_errors=True)
+    for step, folder in _step_folders(directory):
+        if step < kept[0]:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _step_folders(directory: Path | None) -> list[tuple[int, Path]]:
+    if directory is None or not directory.is_dir():
+        return []
+    return [(int(match.group(1)), path) for path in directory.iterdir()
+            if (match := _STEP.fullmatch(path.name)) and path.is_dir()]
 
 
 def clear_step(folder: Path) -> None:
@@ -230,15 +238,21 @@ def read_entries(folder: Path, manifest: Manifest, wanted: Iterable[str]) -> dic
     for name, entries in sorted(by_file.items()):
         path = folder / name
         try:
-            content = torch.load(path, map_location="cpu", weights_only=True)
+            content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:  # whatever torch finds wrong, the file is unusable
             raise CheckpointReadError(Problem(path, f"unreadable ({_first_line(exc)})")) from exc
         missing = [e for e in entries if e not in content]
         if missing:
             raise CheckpointReadError(Problem(path, f"lacks {missing[0]} that the manifest "
                                                     "names"))
-        out.update({e: content[e] for e in entries})
+        out.update({e: _unmapped(content[e]) for e in entries})
     return out
+
+
+def _unmapped(value: Any) -> Any:
+    """A tensor read through `mmap` copied to memory of its own (the mapping only spares
+    reading the entries of a file that this rank does not need)."""
+    return value.clone() if isinstance(value, torch.Tensor) else value
 
 
 class CheckpointReadError(Exception):

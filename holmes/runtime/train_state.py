@@ -156,7 +156,7 @@ def save(state: RankState, directory: Path, step: int, sent: Mapping[str, int]) 
     dist.gather_object((record, dict(sent), inner), gathered, dst=0)
     if gathered is not None:
         checkpoints.write_manifest(folder, _manifest(state, step, gathered))
-        checkpoints.prune(directory)
+        checkpoints.prune(directory, newest=step)
     return folder
 
 
@@ -182,6 +182,10 @@ def resume(state: RankState, sources: Sequence[Path],
            log: Callable[[str], None]) -> Resumed | None:
     """Every rank: load the newest step of `sources` that every rank can read intact (see
     the module docstring); None when there is no checkpoint at all."""
+    if dist.get_rank() == 0:
+        for folder in (f for source in sources for f in checkpoints.cut_short(source)):
+            log(f"{folder}: no {checkpoints.MANIFEST}, not a checkpoint (a write cut short, "
+                "or one from before checkpoints had manifests); ignored")
     mine = [(step, i) for i, folder in enumerate(sources) for step in checkpoints.steps(folder)]
     candidates = sorted({c for part in _all_gather(mine) for c in part},
                         key=lambda c: (-c[0], c[1]))
@@ -267,8 +271,8 @@ def _source_scope(state: RankState, manifest: Manifest) -> str | None:
 
 def _optimizer_plan(state: RankState, source: str,
                     known: Mapping[str, str]) -> tuple[dict[str, list[str]], dict[str, str]]:
-    owned = [n for n, p in state.named if any(p is q for g in state.optimizer.param_groups
-                                              for q in g["params"])]
+    stepped = {id(p) for group in state.optimizer.param_groups for p in group["params"]}
+    owned = [n for n, p in state.named if id(p) in stepped]
     fields: dict[str, list[str]] = {}
     prefix = f"{source}optim/"
     for entry in known:
@@ -350,7 +354,7 @@ def _load_optimizer(state: RankState, plan: ReadPlan, values: Mapping[str, Any])
 
 def _portable(value: Any) -> Any:
     """A tensor as a compact CPU copy (what a checkpoint keeps); other values as they are."""
-    return value.detach().cpu().clone() if isinstance(value, Tensor) else value
+    return value.detach().to("cpu", copy=True) if isinstance(value, Tensor) else value
 
 
 def _plain(value: Any) -> bool:
