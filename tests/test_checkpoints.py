@@ -1,16 +1,18 @@
 """Checkpoints that lose nothing: checked files, a fallback past damaged steps, other plans.
 
-In one process, `holmes.runtime.checkpoints` finds each kind of damage (truncated, empty,
+In one process: `holmes.runtime.checkpoints` finds each kind of damage (truncated, empty,
 flipped bytes, garbage, a missing file, a damaged manifest), ignores what is not a
-checkpoint and refuses a checkpoint path that is not a folder. On gloo ranks
-(tests/trainer_worker.py, the tiny GPT, plans from the planner): a resume skips a damaged
-newest step with one line naming the file and continues bit for bit from the intact one,
-all ranks agreeing even when only one of them needs the damaged file; with nothing intact
-it stops with one error. Then the per-layer format: 20 steps on a 2-stage plan resume on a
-4-stage plan with another layer split, and on one stage of 2 ZeRO-1 lanes; the next two
-steps' losses equal one process's from the same state (1e-5), and the 4-stage plan writes
-back the very entries it read. DiLoCo's per-replica and outer state move from one stage to
-two stages per replica, entry for entry.
+checkpoint and refuses a checkpoint path that is not a folder (the example script exits 2
+before any process group); `holmes.runtime.train_state` picks each replica's entries
+across DiLoCo and allreduce plans. On gloo ranks (tests/trainer_worker.py, the tiny GPT,
+20 steps on a 2-stage plan): a resume skips a damaged newest step with one line naming
+the file and continues bit for bit from the intact one, both ranks agreeing although only
+one of them needs the damaged file; with nothing intact it stops with one error. Then the
+per-layer format: the 2-stage checkpoint resumes on a 4-stage plan with another layer
+split and on one stage of 2 ZeRO-1 lanes, and the next two steps' losses equal one
+process's from the same state (1e-5); the 2-lane plan writes back the very entries it
+read. DiLoCo's per-replica and outer state move from one stage to two stages per replica
+entry for entry, and to a plan without DiLoCo as replica 0's.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -304,68 +307,74 @@ def test_reads_across_sync_kinds_and_refusals(group: None, plans: dict[str, Path
 # ---------------------------------------------------------------- resuming on gloo ranks
 
 
+@dataclass
+class Straight:
+    """20 steps on a 2-stage plan (layers [0, 5) and [5, 8)), checkpoints at 10 and 20."""
+
+    plan: Path
+    folder: Path
+    ranks: list[dict[str, Any]]
+    run: dict[str, Any]
+
+
 @pytest.fixture(scope="module")
-def one_rank(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
-    """A 1-process plan, 6 steps, checkpoints at 4 and 6 (and 2, pruned)."""
-    root = tmp_path_factory.mktemp("one-rank")
-    plan = make_plan(root / "plan", {"a": 1}, stages=1)
+def straight(tmp_path_factory: pytest.TempPathFactory) -> Straight:
+    root = tmp_path_factory.mktemp("two-stages")
+    plan = make_plan(root / "plan", {"a": 2}, stages=2, layers=[(0, 5), (5, 8)])
     folder = root / "ckpt"
-    straight = launch(plan, dict(RUN, checkpoint_every=2, checkpoint_dir=str(folder)),
-                      root / "straight")[0]
-    assert checkpoints.steps(folder) == [4, 6]
-    return plan, folder, straight
+    run = dict(RUN, steps=20, checkpoint_every=10, checkpoint_dir=str(folder))
+    ranks = launch(plan, run, root / "out")
+    assert checkpoints.steps(folder) == [10, 20]
+    return Straight(plan, folder, ranks, run)
 
 
-@pytest.mark.parametrize("kind", ["truncated", "zero bytes", "flipped bytes", "missing"])
+def copy_of(straight: Straight, tmp_path: Path) -> tuple[Path, dict[str, Any]]:
+    folder = tmp_path / "ckpt"
+    shutil.copytree(straight.folder, folder)
+    return folder, dict(straight.run, checkpoint_dir=str(folder))
+
+
+# rank 0 (stage 0) reads only rank-0.pt, rank 1 only rank-1.pt: damage to one file is
+# found by one rank, and both must go back to step 10
+@pytest.mark.parametrize("kind, damaged", [("truncated", "rank-0.pt"),
+                                           ("flipped bytes", "rank-1.pt")])
 def test_a_damaged_newest_step_is_skipped_and_the_run_continues_bit_for_bit(
-        tmp_path: Path, one_rank: tuple[Path, Path, dict], kind: str) -> None:
-    plan, original, straight = one_rank
-    folder = tmp_path / "ckpt"
-    shutil.copytree(original, folder)
-    DAMAGE[kind][0](folder / "step-00000006" / "rank-0.pt")
+        tmp_path: Path, straight: Straight, kind: str, damaged: str) -> None:
+    folder, run = copy_of(straight, tmp_path)
+    DAMAGE[kind][0](folder / "step-00000020" / damaged)
     (folder / "step-latest").mkdir()  # strays: never fatal, never removed
-    (folder / "step-00000009").write_text("not a folder")
-    (folder / "step-00000008").mkdir()  # a write cut short: said, then ignored
-    resumed = launch(plan, dict(RUN, checkpoint_every=2, checkpoint_dir=str(folder)),
-                     tmp_path / "out")[0]
-    assert resumed["start_step"] == 4
-    skipped = [line for line in log_lines(tmp_path / "out") if "skipped" in line]
-    assert len(skipped) == 1 and str(folder / "step-00000006" / "rank-0.pt") in skipped[0]
-    assert f"resumed from step 4 ({folder / 'step-00000004'})" in log_lines(tmp_path / "out")
-    assert f"{folder / 'step-00000008'}: no manifest.json, not a checkpoint (a write cut " \
-        "short, or one from before checkpoints had manifests); ignored" \
-        in log_lines(tmp_path / "out")
-    for name, value in resumed["params"].items():
-        assert torch.equal(value, straight["params"][name]), name
-    assert (folder / "step-latest").is_dir() and (folder / "step-00000009").is_file()
-    assert (folder / "step-00000008").is_dir()
-    assert checkpoints.steps(folder) == [4, 6]  # step 6 written anew
-
-
-def test_ranks_agree_on_a_step_that_only_one_of_them_finds_damaged(tmp_path: Path) -> None:
-    # two stages: rank 0 reads only rank-0.pt, rank 1 only rank-1.pt; damage rank-1.pt of
-    # the newest step and both ranks must go back to the older step
-    plan = make_plan(tmp_path / "plan", {"a": 2}, stages=2, layers=[(0, 5), (5, 8)])
-    folder = tmp_path / "ckpt"
-    run = dict(RUN, steps=4, checkpoint_every=2, checkpoint_dir=str(folder))
-    straight = launch(plan, run, tmp_path / "straight")
-    flip_bytes(folder / "step-00000004" / "rank-1.pt")
-    resumed = launch(plan, run, tmp_path / "resumed")
-    assert [r["start_step"] for r in resumed] == [2, 2]
-    for again, whole in zip(resumed, straight, strict=True):
+    (folder / "step-00000030").write_text("not a folder")
+    (folder / "step-00000015").mkdir()  # a write cut short: said, then ignored
+    resumed = launch(straight.plan, run, tmp_path / "out")
+    assert [r["start_step"] for r in resumed] == [10, 10]
+    lines = log_lines(tmp_path / "out")
+    skipped = [line for line in lines if "skipped" in line]
+    prefix = f"checkpoint step 20 skipped: {folder / 'step-00000020' / damaged}: "
+    assert len(skipped) == 1 and skipped[0].startswith(prefix), skipped
+    assert re.search(DAMAGE[kind][1], skipped[0].removeprefix(prefix))
+    assert f"resumed from step 10 ({folder / 'step-00000010'})" in lines
+    assert f"{folder / 'step-00000015'}: no manifest.json, not a checkpoint (a write cut " \
+        "short, or one from before checkpoints had manifests); ignored" in lines
+    for again, whole in zip(resumed, straight.ranks, strict=True):
         for name, value in again["params"].items():
             assert torch.equal(value, whole["params"][name]), name
-    # nothing intact: one error on every rank, not a silent fresh start
-    flip_bytes(folder / "step-00000004" / "rank-0.pt")
-    (folder / "step-00000002" / "rank-1.pt").unlink()
+    assert (folder / "step-latest").is_dir() and (folder / "step-00000030").is_file()
+    assert checkpoints.steps(folder) == [10, 20]  # step 20 written anew
+
+
+def test_with_nothing_intact_every_rank_stops_with_one_error(tmp_path: Path,
+                                                             straight: Straight) -> None:
+    folder, run = copy_of(straight, tmp_path)
+    flip_bytes(folder / "step-00000020" / "rank-0.pt")
+    (folder / "step-00000010" / "rank-1.pt").unlink()
     with pytest.raises(RuntimeError, match="no checkpoint that every rank can read intact "
-                                           r"\(2 tried; the newest: .*step-00000004"):
-        launch(plan, run, tmp_path / "refused")
+                                           r"\(2 tried; the newest: .*step-00000020"):
+        launch(straight.plan, run, tmp_path / "refused")  # not a silent fresh start
     lines = [line for line in log_lines(tmp_path / "refused") if "skipped" in line]
-    assert len(lines) == 2  # one line per damaged file, from rank 0 only
-    assert f"step 4 skipped: {folder / 'step-00000004' / 'rank-0.pt'}: sha256" in lines[0]
-    assert lines[1].endswith(f"step 2 skipped: {folder / 'step-00000002' / 'rank-1.pt'}: "
-                             "missing")
+    assert lines == [  # one line per damaged file, from rank 0 only
+        f"checkpoint step 20 skipped: {folder / 'step-00000020' / 'rank-0.pt'}: sha256 "
+        "differs from the manifest (damaged bytes)",
+        f"checkpoint step 10 skipped: {folder / 'step-00000010' / 'rank-1.pt'}: missing"]
 
 
 # ---------------------------------------------------------------- another plan
@@ -401,57 +410,51 @@ def reference_losses(folder: Path, run: dict[str, Any], steps: list[int]) -> lis
     return losses
 
 
-@pytest.fixture(scope="module")
-def two_stages(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """20 steps on a 2-stage plan, layers [0, 5) and [5, 8); its checkpoint folder."""
-    root = tmp_path_factory.mktemp("two-stages")
-    plan = make_plan(root / "plan", {"a": 2}, stages=2, layers=[(0, 5), (5, 8)])
-    folder = root / "ckpt"
-    launch(plan, dict(RUN, steps=20, checkpoint_every=10, checkpoint_dir=str(folder)),
-           root / "out")
-    assert checkpoints.steps(folder) == [10, 20]
-    return folder
-
-
 RESHARDED = {
-    "4 stages, layers [0,2) [2,4) [4,6) [6,8)": (
-        {"a": 4}, 4, [(0, 2), (2, 4), (4, 6), (6, 8)], "zero1"),
-    "1 stage of 2 lanes with ZeRO-1": ({"a": 2}, 1, None, "zero1"),
+    "4 stages, layers [0,2) [2,4) [4,6) [6,8)": ({"a": 4}, 4, [(0, 2), (2, 4), (4, 6), (6, 8)]),
+    "1 stage of 2 lanes with ZeRO-1": ({"a": 2}, 1, None),
 }
 
 
 @pytest.mark.parametrize("case", list(RESHARDED))
 def test_resume_under_another_plan_steps_like_one_process(
-        tmp_path: Path, two_stages: Path, case: str) -> None:
-    sites, stages, layers, sharding = RESHARDED[case]
-    plan = make_plan(tmp_path / "plan", sites, stages, layers, optimizer_sharding=sharding)
-    width = len(load_plan(plan).stages[0].devices)
-    assert width == (2 if stages == 1 else 1)
-    run = dict(RUN, steps=22, log_every=1, resume_from=str(two_stages),
+        tmp_path: Path, straight: Straight, case: str) -> None:
+    sites, stages, layers = RESHARDED[case]
+    plan = make_plan(tmp_path / "plan", sites, stages, layers, optimizer_sharding="zero1")
+    assert len(load_plan(plan).stages[0].devices) == (2 if stages == 1 else 1)
+    run = dict(RUN, steps=22, log_every=1, resume_from=str(straight.folder),
                checkpoint_dir=str(tmp_path / "ckpt"))
     ranks = launch(plan, run, tmp_path / "out")
     assert {r["start_step"] for r in ranks} == {20}
     got = ranks[0]["losses"]
-    want = reference_losses(two_stages / "step-00000020", run, [20, 21])
+    want = reference_losses(straight.folder / "step-00000020", run, [20, 21])
     assert sorted(got) == [21, 22]
     assert got[21] == pytest.approx(want[0], abs=1e-5)
     assert got[22] == pytest.approx(want[1], abs=1e-5)  # the optimizer state came too
     assert checkpoints.steps(tmp_path / "ckpt") == [22]
 
 
-def test_another_plan_writes_back_the_entries_it_read(tmp_path: Path, two_stages: Path) -> None:
-    plan = make_plan(tmp_path / "plan", {"a": 4}, 4, [(0, 3), (3, 4), (4, 7), (7, 8)])
+def test_another_plan_writes_back_the_entries_it_read(tmp_path: Path,
+                                                       straight: Straight) -> None:
+    # one stage of two ZeRO-1 lanes: the weights come back from lane 0, each optimizer
+    # state from the lane that owns it, every entry equal to what the 2-stage plan wrote
+    plan = make_plan(tmp_path / "plan", {"a": 2}, 1, optimizer_sharding="zero1")
     out = tmp_path / "ckpt"
-    launch(plan, dict(RUN, steps=20, resume_from=str(two_stages), checkpoint_dir=str(out)),
+    launch(plan, dict(RUN, steps=20, resume_from=str(straight.folder),
+                      checkpoint_dir=str(out)),
            tmp_path / "out")  # nothing to train: finish() writes step 20 under this plan
-    before, after = entries_of(two_stages / "step-00000020"), entries_of(out / "step-00000020")
+    before, after = entries_of(straight.folder / "step-00000020"), entries_of(
+        out / "step-00000020")
     assert before.keys() == after.keys()
     for entry, value in before.items():
         same = torch.equal(value, after[entry]) if isinstance(value, torch.Tensor) \
             else value == after[entry]
         assert same, entry
-    files = json.loads((out / "step-00000020" / "manifest.json").read_text())["manifest"]
-    assert sorted(files["files"]) == ["rank-0.pt", "rank-1.pt", "rank-2.pt", "rank-3.pt"]
+    files = json.loads((out / "step-00000020" / "manifest.json").read_text())["manifest"][
+        "files"]
+    optim = [{e.split("/")[1] for e in files[f]["entries"] if e.startswith("optim/")}
+             for f in ("rank-0.pt", "rank-1.pt")]
+    assert optim[0] and optim[1] and not optim[0] & optim[1]
 
 
 @pytest.mark.slow
