@@ -434,15 +434,18 @@ def test_resume_under_another_plan_steps_like_one_process(
     assert checkpoints.steps(tmp_path / "ckpt") == [22]
 
 
-def test_another_plan_writes_back_the_entries_it_read(tmp_path: Path,
-                                                       straight: Straight) -> None:
+def test_another_plan_writes_back_the_entries_it_read(
+        tmp_path: Path, straight: Straight, monkeypatch: pytest.MonkeyPatch) -> None:
     # one stage of two ZeRO-1 lanes: the weights come back from lane 0, each optimizer
-    # state from the lane that owns it, every entry equal to what the 2-stage plan wrote
+    # state from the lane that owns it, every entry equal to what the 2-stage plan wrote.
+    # The folder to resume from reaches the ranks as a launcher would hand it over: in
+    # HETSCHED_RESUME_FROM, not as an argument of the script.
     plan = make_plan(tmp_path / "plan", {"a": 2}, 1, optimizer_sharding="zero1")
     out = tmp_path / "ckpt"
-    launch(plan, dict(RUN, steps=20, resume_from=str(straight.folder),
-                      checkpoint_dir=str(out)),
-           tmp_path / "out")  # nothing to train: finish() writes step 20 under this plan
+    monkeypatch.setenv(checkpoints.RESUME_FROM_ENV, str(straight.folder))
+    ranks = launch(plan, dict(RUN, steps=20, checkpoint_dir=str(out)), tmp_path / "out")
+    assert [r["start_step"] for r in ranks] == [20, 20]  # nothing to train: finish()
+    # writes step 20 under this plan
     before, after = entries_of(straight.folder / "step-00000020"), entries_of(
         out / "step-00000020")
     assert before.keys() == after.keys()

@@ -55,6 +55,7 @@ from topology.files import write_text_atomic
 from topology.validation import Strict, describe_validation_error
 
 FORMAT = "hetsched.checkpoint/2"
+RESUME_FROM_ENV = "HETSCHED_RESUME_FROM"  # a folder to resume from, for `Trainer`
 MANIFEST = "manifest.json"
 KEEP_CHECKPOINTS = 2
 _STEP = re.compile(r"step-(\d{8})")

@@ -29,8 +29,9 @@ optimizer step per `step(batches)`:
    manifest of checksums written last (`holmes.runtime.checkpoints`), keeping the last
    two. On start the newest step that every rank can read intact is loaded, from
    CHECKPOINT_DIR or else from `resume_from` (a run of another plan: another stage
-   count, layer split or data-parallel width), so a torchrun restart continues the same
-   run and a new plan continues an old one.
+   count, layer split or data-parallel width; by default the environment's
+   `HETSCHED_RESUME_FROM`, so a launcher can hand it to every rank of any script), so a
+   torchrun restart continues the same run and a new plan continues an old one.
 
 Parameters of the model a rank does not hold (other stages' blocks) are never trained
 there; `gather_model()` copies every replica-0 parameter to rank 0 for evaluation.
@@ -38,6 +39,7 @@ there; `gather_model()` copies every replica-0 parameter to rank 0 for evaluatio
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections import Counter
@@ -80,7 +82,8 @@ class Trainer:
                  resume_from: str | Path | None = None, log_every: int = 10,
                  log: Callable[[str], None] | None = None) -> None:
         self.checkpoint_dir = checkpoints.checkpoint_folder(checkpoint_dir)
-        self.resume_from = checkpoints.checkpoint_folder(resume_from, must_exist=True)
+        self.resume_from = checkpoints.checkpoint_folder(
+            resume_from or os.environ.get(checkpoints.RESUME_FROM_ENV), must_exist=True)
         self.run, self.total_steps = run, total_steps
         self.log_every, self.checkpoint_every = log_every, checkpoint_every
         self._print = log or (lambda line: print(line, file=sys.stderr, flush=True))
