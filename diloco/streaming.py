@@ -22,7 +22,9 @@ Every replica of the group must pass one, and the weights must sum to 1.
 
 The global parameters, the outer momentum, the step and (for an exact restart) the local
 model and inner optimizer live in `state_dict()`; it can be taken whenever no exchange is
-in flight (`quiescent`). A replica that dies or hangs makes the others raise
+in flight (`quiescent`). `parameter_states()` holds the same outer state cut by parameter
+name, which `load_parameter_states()` restores under other fragments (another split of the
+model between processes). A replica that dies or hangs makes the others raise
 `ReplicaFailure` within `timeout_s` of waiting; continuing with the survivors in-process is
 not supported, restarting all (or fewer) replicas from the last checkpoint is.
 """
@@ -211,6 +213,44 @@ class DiLoCo:
             self.inner_optimizer.load_state_dict(state["inner_optimizer"])
         self._step = int(state["step"])
 
+    def parameter_states(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The outer state cut by parameter (fragment names): `global` (fp32), and once
+        they exist `momentum` (the fragment's outer momentum) and `residual` (its error
+        feedback). Unlike `state_dict()` it can be restored under other fragments."""
+        if not self.quiescent:
+            raise RuntimeError("parameter_states() with exchanges in flight")
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for index, fragment in enumerate(self.fragments):
+            parts = {"global": self._global[index], "momentum": self.outer.buffers[index],
+                     "residual": self._residual[index]}
+            for kind, flat in parts.items():
+                if flat is None:
+                    continue
+                for name, view in zip(fragment.names, _views(flat, fragment.params), strict=True):
+                    out.setdefault(name, {})[kind] = view.clone()
+        return out
+
+    @torch.no_grad()
+    def load_parameter_states(self, states: dict[str, dict[str, torch.Tensor]],
+                              inner_steps: int) -> None:
+        """Restore `parameter_states()` output, perhaps taken under other fragments, and
+        the inner step count (which places the next syncs). Every parameter needs its
+        `global`; a `momentum` or `residual` missing for some of a fragment's parameters
+        counts as zero, which is exactly what the outer step and the error feedback do
+        with none (a fragment with none of them keeps none)."""
+        if not self.quiescent:
+            raise RuntimeError("load_parameter_states() with exchanges in flight")
+        missing = [n for f in self.fragments for n in f.names if "global" not in states.get(n, {})]
+        if missing:
+            raise ValueError(f"no global value for {len(missing)} parameter(s), first "
+                             f"{missing[0]!r}")
+        for index, fragment in enumerate(self.fragments):
+            flat = self._global[index]
+            flat.copy_(_joined(states, fragment, "global", flat))
+            self.outer.buffers[index] = _joined(states, fragment, "momentum", flat)
+            self._residual[index] = _joined(states, fragment, "residual", flat)
+        self._step = int(inner_steps)
+
     # ---- internals ----------------------------------------------------------------------
 
     @torch.no_grad()
@@ -317,3 +357,16 @@ def _views(flat: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Ten
     """Views of `flat` shaped like `params`, in order."""
     sizes = [p.numel() for p in params]
     return [v.view(p.shape) for v, p in zip(flat.split(sizes), params, strict=True)]
+
+
+def _joined(states: dict[str, dict[str, torch.Tensor]], fragment: Fragment, kind: str,
+            like: torch.Tensor) -> torch.Tensor | None:
+    """Fragment `fragment`'s `kind` as one flat fp32 vector like `like` (zeros where a
+    parameter has none), or None when none of its parameters has one."""
+    parts = [states.get(name, {}).get(kind) for name in fragment.names]
+    if all(part is None for part in parts):
+        return None
+    return torch.cat([
+        torch.zeros(p.numel(), dtype=like.dtype, device=like.device) if part is None
+        else part.reshape(-1).to(like.device, like.dtype)
+        for part, p in zip(parts, fragment.params, strict=True)])

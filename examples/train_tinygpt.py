@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import sysconfig
 import time
 from pathlib import Path
@@ -24,6 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from holmes.runtime import PlanRun, Trainer
+from holmes.runtime.checkpoints import checkpoint_folder
+from topology.errors import InputError
 
 
 class Block(nn.Module):
@@ -110,19 +113,32 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--checkpoint-dir", help="where to checkpoint and resume from")
+    p.add_argument("--resume-from", help="a checkpoint folder of an earlier run (maybe of "
+                   "another plan) to start from when --checkpoint-dir holds none")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--metrics", help="rank 0 writes the loss curve and eval loss here (JSON)")
     args = p.parse_args()
+    try:  # before any process group: bad input is one line and exit status 2
+        checkpoint_folder(args.checkpoint_dir)
+        checkpoint_folder(args.resume_from, must_exist=True)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
     torch.set_num_threads(1)
     run = PlanRun.from_env()
     m = run.plan.model
     torch.manual_seed(args.seed)  # the same initial model on every rank
     model = TinyGPT(m.layers, m.hidden, args.heads, m.seq_len)
-    trainer = Trainer(
-        run, model, lambda params: torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0),
-        activation_shape=(m.microbatch, m.seq_len, m.hidden), total_steps=args.steps,
-        checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
-        log_every=args.log_every)
+    try:
+        trainer = Trainer(
+            run, model, lambda params: torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0),
+            activation_shape=(m.microbatch, m.seq_len, m.hidden), total_steps=args.steps,
+            checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+            resume_from=args.resume_from, log_every=args.log_every)
+    except InputError as exc:  # no intact checkpoint: every rank raises it together
+        if run.placement.torch_rank == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        run.exit(2)
     train, held_out = stdlib_text(args.corpus_bytes)
     curve, start = [], time.perf_counter()
     for step in trainer.steps():

@@ -96,6 +96,40 @@ def test_state_round_trips_through_a_file(group: None, tmp_path: Path) -> None:
         assert torch.equal(got["modules"][0][name], tensor)
 
 
+def test_parameter_states_move_between_fragmentations(group: None) -> None:
+    # the outer state cut by parameter is restored under another split into fragments:
+    # global values, momentum and error-feedback residuals land on the same parameters,
+    # a fragment mixing parameters with and without momentum gets zeros (what the outer
+    # step does with none), and the inner step count comes along
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Linear(3, 3) for _ in range(4)))
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    with DiLoCo(model, inner, **dict(CONFIG, sync_every=4, overlap_steps=0)) as diloco:
+        for _ in range(5):  # fragments 1, 2, 3 sync after steps 1, 2, 3 and fragment 0 after 4
+            model(torch.randn(2, 3)).sum().backward()
+            inner.step()
+            inner.zero_grad()
+            diloco.step()
+        saved = diloco.parameter_states()
+        step = diloco.inner_steps
+    assert set(saved) == {n for n, _ in model.named_parameters()}
+    assert all({"global", "momentum", "residual"} <= set(parts) for parts in saved.values())
+    partial = {n: dict(parts) for n, parts in saved.items()}
+    del partial["0.weight"]["momentum"]
+    with DiLoCo(model, **dict(CONFIG, fragments=2, pattern="sequential")) as other:
+        other.load_parameter_states(partial, step)
+        got = other.parameter_states()
+        assert other.inner_steps == step == 5
+    for name, parts in saved.items():
+        for kind, value in parts.items():
+            want = torch.zeros_like(value) if (name, kind) == ("0.weight", "momentum") else value
+            assert torch.equal(got[name][kind], want), (name, kind)
+    del partial["3.bias"]["global"]
+    with (DiLoCo(model, **CONFIG) as third,
+          pytest.raises(ValueError, match="no global value for 1 parameter.*3.bias")):
+        third.load_parameter_states(partial, step)
+
+
 @pytest.mark.slow
 def test_restart_from_checkpoint_equals_uninterrupted_run(tmp_path: Path) -> None:
     ckpt = tmp_path / "ckpt"

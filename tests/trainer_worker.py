@@ -3,12 +3,13 @@
     python tests/trainer_worker.py SPEC.json RANK
 
 SPEC names the plan, the loopback port, the output directory and the run: the tiny GPT's
-config and seed, the optimizer (`adamw` or `sgd`) and lr, the steps, an optional
-checkpoint folder and `stop_after` (leave after that many steps without `finish`, as a
-crash would). Rank R plays the plan's launch host R (`HETSCHED_HOST`), joins with
-torch.distributed's env:// rendezvous, trains with `holmes.runtime.Trainer` and saves to
-OUT/rank{R}.pt its parameters, its optimizer's state bytes and parameter names, and its
-placement (or a traceback to OUT/rank{R}.err). Real gloo over 127.0.0.1, no mocks. The
+config and seed, the optimizer (`adamw` or `sgd`) and lr, the steps, optional checkpoint
+and resume folders, `log_every` and `stop_after` (leave after that many steps without
+`finish`, as a crash would). Rank R plays the plan's launch host R (`HETSCHED_HOST`),
+joins with torch.distributed's env:// rendezvous, trains with `holmes.runtime.Trainer`,
+appends the trainer's log lines to OUT/rank{R}.log and saves to OUT/rank{R}.pt its
+parameters, its optimizer's state bytes and parameter names, its placement and the losses
+it logged (or a traceback to OUT/rank{R}.err). Real gloo over 127.0.0.1, no mocks. The
 helpers here are shared with the tests' single-process references.
 """
 
@@ -62,19 +63,28 @@ def lr_at(run: dict[str, Any], step: int) -> float:
     return run["lr"] * (1.0 - 0.1 * step / max(1, run["steps"]))
 
 
-def train_rank(run: dict[str, Any], plan_path: str) -> dict[str, Any]:
+def train_rank(run: dict[str, Any], plan_path: str, log_path: Path) -> dict[str, Any]:
     plan_run = PlanRun.from_env(plan_path)
     microbatch = plan_run.plan.model.microbatch
+
+    def log(line: str) -> None:
+        with log_path.open("a") as handle:
+            handle.write(line + "\n")
+
     trainer = Trainer(
         plan_run, make_model(run), lambda params: make_optimizer(run, params),
         activation_shape=(microbatch, run["model"]["block_size"], run["model"]["n_embd"]),
         total_steps=run["steps"], checkpoint_dir=run.get("checkpoint_dir"),
-        checkpoint_every=run.get("checkpoint_every", 50), log=lambda line: None)
+        checkpoint_every=run.get("checkpoint_every", 50), resume_from=run.get("resume_from"),
+        log_every=run.get("log_every", 10), log=log)
+    losses = {}
     for done, step in enumerate(trainer.steps(), start=1):
         for group in trainer.optimizer.param_groups:
             group["lr"] = lr_at(run, step) if run.get("schedule") else run["lr"]
-        trainer.step(step, {mb: make_batch(run, step, mb, microbatch)
-                            for mb in trainer.microbatches()})
+        logged = trainer.step(step, {mb: make_batch(run, step, mb, microbatch)
+                                     for mb in trainer.microbatches()})
+        if logged is not None:
+            losses[logged.step] = logged.loss
         if done == run.get("stop_after"):
             break
     else:
@@ -87,7 +97,7 @@ def train_rank(run: dict[str, Any], plan_path: str) -> dict[str, Any]:
                             if any(p is q for g in trainer.optimizer.param_groups
                                    for q in g["params"])],
             "replica": placement.replica, "lane": placement.lane,
-            "start_step": trainer.start_step, "bytes": dict(trainer.bytes)}
+            "start_step": trainer.start_step, "bytes": dict(trainer.bytes), "losses": losses}
 
 
 def main() -> None:
@@ -95,7 +105,8 @@ def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     rank, out = int(sys.argv[2]), Path(spec["out"])
     try:
-        torch.save(train_rank(spec["run"], spec["plan"]), out / f"rank{rank}.pt")
+        result = train_rank(spec["run"], spec["plan"], out / f"rank{rank}.log")
+        torch.save(result, out / f"rank{rank}.pt")
     except Exception:
         (out / f"rank{rank}.err").write_text(traceback.format_exc())
         raise

@@ -10,7 +10,10 @@ It depends on the plan (`holmes.plan`), never the reverse: the planner modules o
 - `plan_run`: where this process sits in the plan; the plan's process groups; `exit_job`.
 - `trainer`: the training loop of one rank (pipeline step, syncs, logs, checkpoints).
 - `zero`: a stage's parameters in shards over its data group; ZeRO-1's optimizer state.
-- `checkpoints`: the checkpoint folder's layout, the latest common step, pruning.
+- `checkpoints`: the checkpoint folder: step folders of entries by parameter name, the
+  manifest of checksums, finding damage, pruning; a path that is not a folder refused.
+- `train_state`: a rank's state as those entries (written once, read under any plan);
+  the collectives that save a step and resume the newest one every rank has intact.
 - `links`: which link class (intra_host, intra_site, inter_site) joins two ranks.
 """
 

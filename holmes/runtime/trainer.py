@@ -23,9 +23,15 @@ optimizer step per `step(batches)`:
    payload, reduce-scatter and all-gather as (n-1)/n each, DiLoCo as its ledger says;
    classes from the plan's topology: intra_host, intra_site, inter_site);
 5. every `checkpoint_every` steps (at the first step after it where no DiLoCo exchange is
-   in flight) every rank writes its state (with ZeRO-1 its own optimizer shard) to
-   `CHECKPOINT_DIR/step-NNNNNNNN/rank-R.pt`, keeping the last two. On start, the latest
-   step that every rank has is loaded, so a torchrun restart continues the same run.
+   in flight) the ranks write the step to `CHECKPOINT_DIR/step-NNNNNNNN/`, each entry
+   once and by parameter name (`holmes.runtime.train_state`: weights by lane 0 of replica
+   0, optimizer state by its ZeRO-1 owner; DiLoCo's replicas each their own), with a
+   manifest of checksums written last (`holmes.runtime.checkpoints`), keeping the last
+   two. On start the newest step that every rank can read intact is loaded, from
+   CHECKPOINT_DIR or else from `resume_from` (a run of another plan: another stage
+   count, layer split or data-parallel width; by default the environment's
+   `HETSCHED_RESUME_FROM`, so a launcher can hand it to every rank of any script), so a
+   torchrun restart continues the same run and a new plan continues an old one.
 
 Parameters of the model a rank does not hold (other stages' blocks) are never trained
 there; `gather_model()` copies every replica-0 parameter to rank 0 for evaluation.
@@ -33,6 +39,7 @@ there; `gather_model()` copies every replica-0 parameter to rank 0 for evaluatio
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections import Counter
@@ -46,11 +53,12 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from diloco import DiLoCo, DiLoCoConfig
-from holmes.runtime import checkpoints
+from holmes.runtime import checkpoints, train_state
 from holmes.runtime.links import link_classes, slowest_class
 from holmes.runtime.plan_run import PlanRun
 from holmes.runtime.zero import StageShards, restrict
 from skippipe.runtime import PipelineRuntime
+from topology.errors import InputError
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
@@ -71,10 +79,13 @@ class Trainer:
     def __init__(self, run: PlanRun, model: nn.Module, make_optimizer: OptimizerFactory, *,
                  activation_shape: Sequence[int], total_steps: int,
                  checkpoint_dir: str | Path | None = None, checkpoint_every: int = 50,
-                 log_every: int = 10, log: Callable[[str], None] | None = None) -> None:
+                 resume_from: str | Path | None = None, log_every: int = 10,
+                 log: Callable[[str], None] | None = None) -> None:
+        self.checkpoint_dir = checkpoints.checkpoint_folder(checkpoint_dir)
+        self.resume_from = checkpoints.checkpoint_folder(
+            resume_from or os.environ.get(checkpoints.RESUME_FROM_ENV), must_exist=True)
         self.run, self.total_steps = run, total_steps
         self.log_every, self.checkpoint_every = log_every, checkpoint_every
-        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self._print = log or (lambda line: print(line, file=sys.stderr, flush=True))
         data = run.group_of_kind("data")
         self.pipeline = PipelineRuntime(
@@ -90,11 +101,16 @@ class Trainer:
             restrict(self.optimizer, self.shards.owned)
         self.share = replica_share(run)
         self.diloco = _make_diloco(run, self.params, self.share)
+        named = list(self.pipeline.named_parameters())
+        self.state = train_state.RankState(
+            run, named, self.optimizer, self.zero1, self.diloco,
+            {_holder_name(i): name for i, (name, _) in enumerate(named)})
         self.bytes = Counter[str]()
         self._classes = link_classes(run)
         self._owed = False  # a checkpoint waits for DiLoCo to be quiescent
         self._window: list[float] = []
         self._window_steps = 0
+        self._saved: int | None = None  # the step last written to checkpoint_dir
         self.start_step = self._resume()
         self._window_start = time.perf_counter()
 
@@ -127,12 +143,14 @@ class Trainer:
         return log
 
     def finish(self) -> None:
-        """Merge DiLoCo exchanges still in flight and write a last checkpoint."""
+        """Merge DiLoCo exchanges still in flight and write a last checkpoint (unless the
+        last step's is already there and nothing changed since)."""
+        merged = False
         if self.diloco is not None:
-            self.diloco.finish()
+            merged = bool(self.diloco.finish())
             self._broadcast_in_stage()
             self.diloco.close()
-        if self.checkpoint_dir:
+        if self.checkpoint_dir and (self._saved != self.total_steps or _any_rank(merged)):
             self._checkpoint(self.total_steps, final=True)
 
     @torch.no_grad()
@@ -313,56 +331,27 @@ class Trainer:
             self._owed = True
             return
         self._owed = False
-        state = {"step": done, "bytes": dict(self._with_diloco_bytes()),
-                 "diloco": self.diloco.state_dict() if self.diloco is not None else None,
-                 "params": {n: p.detach().cpu() for n, p in self.pipeline.named_parameters()},
-                 "optimizer": self.optimizer.state_dict(),
-                 "optimizer_shard": self._optimizer_shard()}
-        folder = checkpoints.save_rank_state(self.checkpoint_dir, done,
-                                             self.run.placement.plan_rank, state)
-        dist.barrier()
+        assert self.checkpoint_dir is not None
+        folder = train_state.save(self.state, self.checkpoint_dir, done,
+                                  self._with_diloco_bytes())
+        self._saved = done
         if dist.get_rank() == 0:
-            checkpoints.prune(self.checkpoint_dir)
             self._print(f"checkpoint {folder}" + (" (final)" if final else ""))
 
     def _resume(self) -> int:
-        if self.checkpoint_dir is None:
+        """Load the newest intact step of the checkpoint folder, else of `resume_from`."""
+        sources = list(dict.fromkeys(d for d in (self.checkpoint_dir, self.resume_from) if d))
+        resumed = train_state.resume(self.state, sources, self._print) if sources else None
+        if resumed is None:
+            if self.resume_from is not None:
+                raise InputError("holds no checkpoint to resume from", self.resume_from)
             return 0
-        mine = checkpoints.steps_with(self.checkpoint_dir, self.run.placement.plan_rank)
-        gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, mine)
-        common = set.intersection(*(set(g) for g in gathered))
-        if not common:
-            return 0
-        step = max(common)
-        state = checkpoints.load_rank_state(self.checkpoint_dir, step,
-                                            self.run.placement.plan_rank)
-        self._load(state)
+        if resumed.folder.parent == self.checkpoint_dir:
+            self._saved = resumed.step
+        self.bytes = Counter(resumed.bytes if dist.get_rank() == 0 else {})
         if dist.get_rank() == 0:
-            self._print(f"resumed from step {step} ({self.checkpoint_dir})")
-        return step
-
-    def _optimizer_shard(self) -> dict[str, Any]:
-        """Which part of the stage's optimizer state this rank holds (kept in checkpoints)."""
-        if not self.zero1:
-            return {"sharding": "none"}
-        return {"sharding": "zero1", "shard": self.shards.shard, "shards": len(self.shards.lanes)}
-
-    @torch.no_grad()
-    def _load(self, state: dict[str, Any]) -> None:
-        named = dict(self.pipeline.named_parameters())
-        for name, saved in state["params"].items():
-            named[name].copy_(saved)
-        saved_shard = state.get("optimizer_shard", {"sharding": "none"})
-        if saved_shard != self._optimizer_shard():
-            raise RuntimeError(
-                f"the checkpoint of plan rank {self.run.placement.plan_rank} holds optimizer "
-                f"state {saved_shard}, this run needs {self._optimizer_shard()}: resume with "
-                "the plan that wrote it (its optimizer sharding and data-parallel widths)")
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.diloco is not None and state["diloco"] is not None:
-            self.diloco.load_state_dict(state["diloco"])
-        self.bytes = Counter(state.get("bytes", {}))
+            self._print(f"resumed from step {resumed.step} ({resumed.folder})")
+        return resumed.step
 
 
 # ---- helpers
@@ -437,6 +426,11 @@ def _make_diloco(run: PlanRun, params: list[nn.Parameter], share: float) -> DiLo
     equal = len(set(replica_microbatches(run))) == 1
     return DiLoCo(holder, None, group, config, layers=list(holder.layers),
                   weight=None if equal else share)
+
+
+def _holder_name(index: int) -> str:
+    """DiLoCo's name for the rank's parameter `index` (`_make_diloco`'s holder)."""
+    return f"layers.{index}.weight"
 
 
 def _one_param_module(param: nn.Parameter) -> nn.Module:
