@@ -214,7 +214,8 @@ def estimate(layout: Layout, partition: Partition, ctx: Context, sync: str,
     for r, replica in enumerate(layout.replicas):
         routes = all_routes[r]
         full = all(len(rt.nodes) == len(replica) for rt in routes)
-        lanes = len(replica[0]) if full and _lane_sampled(replica) else 1
+        # Lanes beyond the replica's microbatches stay idle: sample only busy ones.
+        lanes = min(len(replica[0]), len(routes)) if full and _lane_sampled(replica) else 1
         simulated = routes[_slowest_lane(replica, ctx, lanes)::lanes]
         spec = _spec(layout, replica, partition, ctx, simulated, lanes, in_flight)
         result = simulate(spec, record_timeline=timeline and r == 0)
