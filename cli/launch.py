@@ -26,11 +26,11 @@ from cli.errors import reports_input_errors
 from cli.supervise import Printer, report, supervise
 from cli.torchrun import LOOPBACK, HostCommand, LaunchSpec, Via, build_commands, check_plan_hosts
 from holmes.plan import Plan, load_plan
-from holmes.review import plan_topology
+from holmes.review import check_plan_source, plan_topology
 from topology.errors import InputError
 from topology.lab import LabError, LabState, find_lab, missing_namespaces
 
-FILE = click.Path(dir_okay=False, path_type=Path)
+FILE = click.Path(path_type=Path)
 SSH_CHECK_TIMEOUT_S = 5
 SSH_CHECK_WAIT_S = 20
 
@@ -89,6 +89,8 @@ def launch(plan_file: Path, script: tuple[str, ...], via: Via, lab_name: str | N
         raise InputError("may not be empty", field="--torchrun")
     plan = load_plan(plan_file)
     check_plan_hosts(plan, via)
+    check_plan_source(plan, plan_file)
+    _check_script(script, via)
     _check_topology(plan, plan_file, topology_file, force)
     lab = find_lab(lab_name) if via == "lab" else None
     spec = LaunchSpec(
@@ -108,6 +110,18 @@ def launch(plan_file: Path, script: tuple[str, ...], via: Via, lab_name: str | N
     outcome = supervise(commands, printer)
     report(outcome, printer)
     sys.exit(outcome.exit_code)
+
+
+def _check_script(script: tuple[str, ...], via: Via) -> None:
+    """--via local and lab run SCRIPT from this machine: it must be a file here. (A first
+    word starting with '-' is a torchrun option such as --no-python; ssh's is remote.)"""
+    if via == "ssh" or script[0].startswith("-"):
+        return
+    path = Path(script[0])
+    if not path.is_file():
+        why = "is not a file" if path.exists() else "not found"
+        raise InputError(f"{script[0]} {why} (--via {via} runs it from this machine); "
+                         "nothing was started", field="SCRIPT")
 
 
 def _check_topology(plan: Plan, plan_file: Path, topology_file: Path | None, force: bool) -> None:

@@ -16,12 +16,17 @@ from holmes.model import list_presets, load_model
 from holmes.plan import Plan, load_plan, save_plan
 from holmes.plan_build import build_plan, summary
 from holmes.planner import PlanOptions, decide, naive_estimate
-from holmes.review import estimate_plan, plan_model, plan_topology
+from holmes.review import check_plan_source, estimate_plan, plan_model, plan_topology
 from holmes.skipping import DEFAULT_MAX_SWAPS, SkipChoice
 from topology.errors import InputError
+from topology.files import check_output, write_bytes_atomic
 from topology.schema import load_topology
 
-TOPOLOGY = click.Path(dir_okay=False, path_type=Path)
+# Folders and devices are refused by hetsched itself, in one line (not by click).
+TOPOLOGY = click.Path(path_type=Path)
+MAX_SYNC_EVERY = 1_000_000
+MAX_FRAGMENTS = 1024
+DEFAULT_OVERLAP_STEPS = 2
 
 
 @click.command()
@@ -34,16 +39,18 @@ TOPOLOGY = click.Path(dir_okay=False, path_type=Path)
               "DiLoCo is more than 10% faster).")
 @click.option("--regime", type=click.Choice(["auto", "datacentre", "geo"]), default="auto",
               show_default=True, help="Holmes fabric islands, or DT-FM for scattered nodes.")
-@click.option("--stages", type=click.IntRange(min=1), help="Force the number of pipeline stages.")
-@click.option("--sync-every", type=click.IntRange(min=1), default=100, show_default=True,
-              help="DiLoCo: inner steps H between syncs of a fragment.")
-@click.option("--fragments", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--stages", type=click.IntRange(1, 4096),
+              help="Force the number of pipeline stages.")
+@click.option("--sync-every", type=click.IntRange(1, MAX_SYNC_EVERY), default=100,
+              show_default=True, help="DiLoCo: inner steps H between syncs of a fragment.")
+@click.option("--fragments", type=click.IntRange(1, MAX_FRAGMENTS), default=4, show_default=True,
+              help="DiLoCo: fragments synced in turn (at most --sync-every).")
 @click.option("--quantization", type=click.Choice(["fp4", "int8", "bf16", "none"]),
               default="fp4", show_default=True)
 @click.option("--skip-ratio", type=float, default=None,
               help="SkipPipe: each microbatch skips this fraction k in [0, 1) of the "
               "non-first stages; routes are chosen to avoid collisions (default: no skipping).")
-@click.option("--max-swaps", type=click.IntRange(min=0), default=DEFAULT_MAX_SWAPS,
+@click.option("--max-swaps", type=click.IntRange(0, 1024), default=DEFAULT_MAX_SWAPS,
               show_default=True, help="SkipPipe: swaps of consecutive stages per route.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON on stdout.")
 @reports_input_errors
@@ -51,6 +58,7 @@ def plan(topology_file: Path, model_name: str, output: Path, sync: str, regime: 
          stages: int | None, sync_every: int, fragments: int, quantization: str,
          skip_ratio: float | None, max_swaps: int, as_json: bool) -> None:
     """Plan MODEL on TOPOLOGY_FILE: stages, layers, groups, NICs, sync; write plan.yaml."""
+    check_output(output, topology_file, Path(model_name), field="-o")
     topology = load_topology(topology_file)
     config = load_model(model_name)
     skip = None
@@ -58,12 +66,18 @@ def plan(topology_file: Path, model_name: str, output: Path, sync: str, regime: 
         if not 0.0 <= skip_ratio < 1.0:
             raise InputError(f"must be in [0, 1), got {skip_ratio:g}", field="--skip-ratio")
         skip = SkipChoice(ratio=skip_ratio, max_swaps=max_swaps)
+    if fragments > sync_every:
+        raise InputError(f"{fragments} fragments need --sync-every >= {fragments}, got "
+                         f"{sync_every}", field="--fragments")
     options = PlanOptions(regime=regime, sync=sync, stages=stages, skip=skip,
                           diloco=DilocoChoice(sync_every=sync_every, fragments=fragments,
+                                              overlap_steps=min(DEFAULT_OVERLAP_STEPS,
+                                                                sync_every - 1),
                                               quantization=quantization))
     decision = decide(topology, config, options)
-    relative = os.path.relpath(topology_file.resolve(), output.resolve().parent)
-    result = build_plan(decision, topology_file=relative, model_source=model_name)
+    result = build_plan(decision, topology_file=_relative(topology_file, output),
+                        model_source=_relative(Path(model_name), output)
+                        if Path(model_name).is_file() else model_name)
     lines = summary(decision, result, topology.name or topology_file.name)
     save_plan(result, output, lines)
     console = Console(stderr=True)
@@ -73,6 +87,11 @@ def plan(topology_file: Path, model_name: str, output: Path, sync: str, regime: 
     console.print(f"wrote {output}")
     if as_json:
         click.echo(result.to_json())
+
+
+def _relative(path: Path, output: Path) -> str:
+    """`path` as seen from the folder of `output` (the plan names its inputs that way)."""
+    return os.path.relpath(path.resolve(), output.resolve().parent)
 
 
 def _candidates_table(candidates: list[Estimate], chosen: Estimate) -> Table:
@@ -96,7 +115,12 @@ def _candidates_table(candidates: list[Estimate], chosen: Estimate) -> Table:
 @reports_input_errors
 def show(plan_file: Path, topology_file: Path | None, gantt: Path | None, as_json: bool) -> None:
     """Review PLAN_FILE: stages, groups and NICs, link load, memory headroom, a Gantt chart."""
+    if gantt is not None:
+        if gantt.suffix not in (".png", ".svg"):
+            raise InputError("the Gantt chart must be a .png or .svg file", field="--gantt")
+        check_output(gantt, plan_file, topology_file, field="--gantt")
     the_plan = load_plan(plan_file)
+    check_plan_source(the_plan, plan_file)
     if as_json:
         click.echo(the_plan.to_json())
         return
@@ -107,22 +131,21 @@ def show(plan_file: Path, topology_file: Path | None, gantt: Path | None, as_jso
     console.print(_load_table(the_plan))
     console.print(_memory_table(the_plan, topology))
     if gantt is not None:
-        _draw(the_plan, topology, gantt)
+        _draw(the_plan, plan_file, topology, gantt)
         console.print(f"wrote {gantt}")
 
 
-def _draw(the_plan: Plan, topology, gantt: Path) -> None:  # noqa: ANN001
+def _draw(the_plan: Plan, plan_file: Path, topology, gantt: Path) -> None:  # noqa: ANN001
     from cli.gantt import draw_gantt
 
-    if gantt.suffix not in (".png", ".svg"):
-        raise InputError("the Gantt chart must be a .png or .svg file", field="--gantt")
-    result = estimate_plan(the_plan, topology, plan_model(the_plan, None))
+    result = estimate_plan(the_plan, topology, plan_model(the_plan, plan_file))
     active = {event.node for event in result.simulation.timeline}
     rows = [d for s in the_plan.replicas[0].stages for d in the_plan.stage(s).devices
             if d in active]
-    draw_gantt(result.simulation, rows, gantt,
-               f"{the_plan.model.name}: one iteration of replica 0, lane 0 "
-               f"({result.iteration_s:.3g} s simulated)")
+    image = draw_gantt(result.simulation, rows, gantt.suffix[1:],
+                       f"{the_plan.model.name}: one iteration of replica 0, lane 0 "
+                       f"({result.iteration_s:.3g} s simulated)")
+    write_bytes_atomic(gantt, image)
 
 
 def _stages_table(the_plan: Plan) -> Table:
@@ -189,7 +212,7 @@ def simulate(plan_file: Path, topology_file: Path | None, model_name: str | None
     """Simulate one iteration of PLAN_FILE (and a baseline) with the pipeline simulator."""
     the_plan = load_plan(plan_file)
     topology = plan_topology(the_plan, plan_file, topology_file)
-    config = plan_model(the_plan, model_name)
+    config = plan_model(the_plan, plan_file, model_name)
     rows = {"plan": estimate_plan(the_plan, topology, config)}
     if baseline == "naive":
         rows["naive"] = naive_estimate(topology, config, rows["plan"])

@@ -16,11 +16,14 @@ from rich.table import Table
 
 from cli.errors import EXIT_INCOMPLETE, reports_input_errors
 from topology.errors import InputError
-from topology.files import write_text_atomic
+from topology.files import check_output, write_text_atomic
 from topology.hosts import load_hosts
 from topology.probe import Coordinator, ProbeOptions, ProbeReport
 from topology.protocol import DEFAULT_PORT, load_token, new_token, parse_endpoint, zmq_url
 from topology.schema import TOPOLOGY_VERSION, Topology, load_topology, save_topology
+
+# A folder or a device given as a file is refused by hetsched in one line, not by click.
+FILE = click.Path(path_type=Path)
 
 
 @click.group()
@@ -29,7 +32,7 @@ def probe() -> None:
 
 
 @probe.command("local")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("-o", "--output", type=FILE,
               help="Write a one-host topology.yaml here (default: print it).")
 @click.option("--sysfs", type=click.Path(file_okay=False, path_type=Path), default=Path("/sys"),
               show_default=True, help="Root of the sysfs tree to read NICs from.")
@@ -43,6 +46,9 @@ def probe_local(output: Path | None, sysfs: Path, name: str | None, site: str | 
                 flops: bool, as_json: bool) -> None:
     """Discover this host: cores, memory, GPUs, and NICs (InfiniBand, RoCE, Ethernet)."""
     from topology.discover import discover_host
+
+    if output is not None:
+        check_output(output, field="-o")
 
     host = discover_host(sysfs, name=name, site=site, measure_flops=flops)
     sites = [{"name": site}] if site else []
@@ -61,8 +67,10 @@ def probe_local(output: Path | None, sysfs: Path, name: str | None, site: str | 
 @probe.command("token")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Where to write the new token (mode 0600).")
+@reports_input_errors
 def probe_token(output: Path) -> None:
     """Create a random shared token for agents and the coordinator."""
+    check_output(output, field="-o")
     write_text_atomic(output, new_token() + "\n")
     output.chmod(0o600)
     click.echo(f"wrote {output}; copy it to every agent host", err=True)
@@ -109,8 +117,8 @@ def probe_agent(listen: str, token_file: Path, name: str | None, sysfs: Path, fl
 
 
 @probe.command("run")
-@click.argument("hosts_file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+@click.argument("hosts_file", type=FILE)
+@click.option("-o", "--output", type=FILE, required=True,
               help="Where to write topology.yaml.")
 @click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="File holding the shared token.")
@@ -136,6 +144,7 @@ def probe_run(hosts_file: Path, output: Path, token_file: Path, pings: int, seco
     Exit status: 0 when everything was measured, 1 when a host or link could not be
     (they are recorded as unreachable, with the reason), 2 for bad input.
     """
+    check_output(output, hosts_file, token_file, field="-o")
     hosts = load_hosts(hosts_file)
     key = load_token(token_file)
     options = ProbeOptions(pings=pings, seconds=seconds, streams=streams, timeout_s=timeout,
@@ -190,7 +199,7 @@ def print_summary(report: ProbeReport, output: Path, as_json: bool) -> None:
 
 
 @probe.command("check")
-@click.argument("topology_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("topology_file", type=FILE)
 @click.option("--json", "as_json", is_flag=True, help="Print the validated topology as JSON.")
 @reports_input_errors
 def probe_check(topology_file: Path, as_json: bool) -> None:
@@ -221,7 +230,7 @@ def _speed(gbps: float | None) -> str:
 
 @probe.command("lab")
 @click.option("--lab", "lab_name", help="Which running lab (default: the only one).")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("-o", "--output", type=FILE,
               default=Path("topology.yaml"), show_default=True, help="Where to write the result.")
 @click.option("--pings", type=click.IntRange(1, 1000), default=30, show_default=True)
 @click.option("--seconds", type=click.FloatRange(0.1, 30), default=1.0, show_default=True)
@@ -243,6 +252,7 @@ def probe_lab_command(lab_name: str | None, output: Path, pings: int, seconds: f
     from topology.lab import find_lab
     from topology.lab_probe import probe_lab
 
+    check_output(output, field="-o")
     state = find_lab(lab_name)
     options = ProbeOptions(pings=pings, seconds=seconds, streams=streams, timeout_s=timeout,
                            schedule=schedule)

@@ -1,8 +1,11 @@
 """Reading a plan back with the topology and model it was made for, and re-estimating it.
 
-`show` and `simulate` use this: the plan names its topology file and model; the
-topology's sha256 must match the one in the plan (a plan made for another network is a
-clear refusal). The plan's own stages, layers and routes are simulated as written.
+`show`, `simulate` and `launch` use this: the plan names its topology file and its model
+source (a preset, or a model.yaml relative to the plan's folder). The topology's sha256
+must match the one in the plan and hold every device of the plan; the model source must
+still describe the plan's `model` section (layers, widths, batch sizes, dtype). Either
+mismatch is one clear refusal naming the field. The plan's own stages, layers and
+routes are simulated as written.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from pathlib import Path
 
 from holmes.estimate import Context, DilocoChoice, Estimate, estimate
 from holmes.fabric import find_fabrics
-from holmes.model import ModelConfig, load_model
+from holmes.model import ModelConfig, load_model, looks_like_path
 from holmes.network import Network
 from holmes.partition import Partition
 from holmes.placement import Layout
@@ -34,11 +37,63 @@ def plan_topology(plan: Plan, plan_path: Path, topology_path: Path | None) -> To
         raise InputError(f"was made for topology {plan.topology_sha256[:12]}, but "
                          f"{topology_path} is {topology.sha256()[:12]} (changed since?)",
                          plan_path, "topology_sha256")
+    _check_devices(plan, plan_path, topology, topology_path)
     return topology
 
 
-def plan_model(plan: Plan, model: str | None) -> ModelConfig:
-    return load_model(model or plan.model.source or plan.model.name)
+def _check_devices(plan: Plan, plan_path: Path, topology: Topology, topology_path: Path) -> None:
+    known = {f"{h.name}:{d.name}" for h in topology.hosts if h.status == "ok" for d in h.devices}
+    for i, host in enumerate(plan.launch):
+        for j, device in enumerate(host.devices):
+            if device not in known:
+                raise InputError(f"{device} is not a device of a reachable host in "
+                                 f"{topology_path}", plan_path, f"launch[{i}].devices[{j}]")
+
+
+def plan_model(plan: Plan, plan_path: Path, model: str | None = None) -> ModelConfig:
+    """The model to simulate the plan with: `model` (--model) if given, else the plan's
+    source; either must match the plan's `model` section."""
+    if model is not None:
+        config = load_model(model)
+        check_model_matches(plan, plan_path, config, model, "--model")
+        return config
+    source = model_source(plan, plan_path)
+    config = load_model(source)
+    check_model_matches(plan, plan_path, config, str(source), "model.source")
+    return config
+
+
+def model_source(plan: Plan, plan_path: Path) -> str | Path:
+    """The plan's model: a preset name, or its model.yaml resolved from the plan's folder."""
+    source = plan.model.source or plan.model.name
+    if not looks_like_path(source) and not (plan_path.parent / source).is_file():
+        return source
+    path = Path(source)
+    return path if path.is_absolute() else plan_path.parent / path
+
+
+def check_plan_source(plan: Plan, plan_path: Path) -> None:
+    """`show` and `launch`, which need no model: if the plan's model source can still be
+    read, it must still match the plan (a model.yaml edited since the plan was made)."""
+    source = model_source(plan, plan_path)
+    if isinstance(source, Path) and not source.is_file():
+        return
+    check_model_matches(plan, plan_path, load_model(source), str(source), "model.source")
+
+
+def check_model_matches(plan: Plan, plan_path: Path, config: ModelConfig, source: str,
+                        field: str) -> None:
+    """InputError naming `field` when `config` is not the model the plan was made for."""
+    model, training = config.model, config.training
+    found = {"name": model.name, "layers": model.layers, "hidden": model.hidden,
+             "seq_len": model.seq_len, "microbatch": training.microbatch,
+             "global_batch": training.global_batch, "dtype": model.dtype}
+    for key, value in found.items():
+        planned = getattr(plan.model, key)
+        if planned != value:
+            raise InputError(f"{source} has {key} {value}, but the plan was made for "
+                             f"model.{key} {planned} (plan again, or pass the model it "
+                             "was made for)", plan_path, field)
 
 
 def layout_of(plan: Plan) -> Layout:

@@ -42,6 +42,7 @@ MemoryGB = bounded_float(0.001, 100_000, "GB")
 Tflops = bounded_float(1e-6, 100_000, "TFLOPS")
 Gbps = bounded_float(1e-6, 100_000, "Gbit/s")
 LatencyMs = bounded_float(0, 60_000, "ms")
+Mtu = bounded_int(1, 1 << 20, "bytes")
 
 
 class NicKind(StrEnum):
@@ -64,7 +65,7 @@ class Nic(Strict):
     gid_index: bounded_int(0, 65_535) | None = None
     addresses: list[Annotated[str, Field(max_length=128)]] = Field(default_factory=list,
                                                                    max_length=256)
-    mtu: bounded_int(1, 1 << 20, "bytes") | None = None
+    mtu: Mtu | None = None
 
 
 class Device(Strict):

@@ -77,11 +77,14 @@ class Limit:
         return (f"{'(' if self.low_open else '['}{_number(self.low)}, {_number(self.high)}"
                 f"{')' if self.high_open else ']'}{unit}")
 
-    def check(self, value: float) -> float:
+    def contains(self, value: float) -> bool:
         finite = not isinstance(value, float) or math.isfinite(value)
         above = value > self.low if self.low_open else value >= self.low
         below = value < self.high if self.high_open else value <= self.high
-        if not (finite and above and below):
+        return finite and above and below
+
+    def check(self, value: float) -> float:
+        if not self.contains(value):
             raise ValueError(f"must be a number in {self.describe()}, got {_number(value)}")
         return value
 
@@ -103,6 +106,11 @@ def bounded_int(low: int, high: int, unit: str = "") -> Any:
     """A whole number (not a float, string or boolean) in [low, high]."""
     limit = Limit(low, high, unit)
     return Annotated[int, Field(strict=True), AfterValidator(limit.check), limit]
+
+
+def limit_of(bounded: Any) -> Limit:
+    """The Limit of a type made by `bounded_float` or `bounded_int`."""
+    return next(m for m in typing.get_args(bounded)[1:] if isinstance(m, Limit))
 
 
 def number_fields(model: type[BaseModel], prefix: str = "") -> list[tuple[str, Limit | None]]:
