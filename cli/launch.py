@@ -23,6 +23,7 @@ from pathlib import Path
 import click
 
 from cli.errors import reports_input_errors
+from cli.options import FILE
 from cli.supervise import Printer, report, supervise
 from cli.torchrun import LOOPBACK, HostCommand, LaunchSpec, Via, build_commands, check_plan_hosts
 from holmes.plan import Plan, load_plan
@@ -30,7 +31,6 @@ from holmes.review import check_plan_source, plan_topology
 from topology.errors import InputError
 from topology.lab import LabError, LabState, find_lab, missing_namespaces
 
-FILE = click.Path(path_type=Path)
 SSH_CHECK_TIMEOUT_S = 5
 SSH_CHECK_WAIT_S = 20
 

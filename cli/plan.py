@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.errors import reports_input_errors
+from cli.options import FILE
 from holmes.estimate import DilocoChoice, Estimate
 from holmes.model import list_presets, load_model
 from holmes.plan import Plan, load_plan, save_plan
@@ -22,18 +23,16 @@ from topology.errors import InputError
 from topology.files import check_output, write_bytes_atomic
 from topology.schema import load_topology
 
-# Folders and devices are refused by hetsched itself, in one line (not by click).
-TOPOLOGY = click.Path(path_type=Path)
 MAX_SYNC_EVERY = 1_000_000
 MAX_FRAGMENTS = 1024
 DEFAULT_OVERLAP_STEPS = 2
 
 
 @click.command()
-@click.argument("topology_file", type=TOPOLOGY)
+@click.argument("topology_file", type=FILE)
 @click.option("-m", "--model", "model_name", required=True,
               help=f"A model.yaml, or a preset: {', '.join(list_presets())}.")
-@click.option("-o", "--output", type=TOPOLOGY, required=True, help="Where to write plan.yaml.")
+@click.option("-o", "--output", type=FILE, required=True, help="Where to write plan.yaml.")
 @click.option("--sync", type=click.Choice(["auto", "allreduce", "diloco"]), default="auto",
               show_default=True, help="How replicas stay in step (auto: all-reduce unless "
               "DiLoCo is more than 10% faster).")
@@ -59,8 +58,6 @@ def plan(topology_file: Path, model_name: str, output: Path, sync: str, regime: 
          skip_ratio: float | None, max_swaps: int, as_json: bool) -> None:
     """Plan MODEL on TOPOLOGY_FILE: stages, layers, groups, NICs, sync; write plan.yaml."""
     check_output(output, topology_file, Path(model_name), field="-o")
-    topology = load_topology(topology_file)
-    config = load_model(model_name)
     skip = None
     if skip_ratio is not None:
         if not 0.0 <= skip_ratio < 1.0:
@@ -74,7 +71,8 @@ def plan(topology_file: Path, model_name: str, output: Path, sync: str, regime: 
                                               overlap_steps=min(DEFAULT_OVERLAP_STEPS,
                                                                 sync_every - 1),
                                               quantization=quantization))
-    decision = decide(topology, config, options)
+    topology = load_topology(topology_file)
+    decision = decide(topology, load_model(model_name), options)
     result = build_plan(decision, topology_file=_relative(topology_file, output),
                         model_source=_relative(Path(model_name), output)
                         if Path(model_name).is_file() else model_name)
@@ -106,10 +104,10 @@ def _candidates_table(candidates: list[Estimate], chosen: Estimate) -> Table:
 
 
 @click.command()
-@click.argument("plan_file", type=TOPOLOGY)
-@click.option("--topology", "topology_file", type=TOPOLOGY,
+@click.argument("plan_file", type=FILE)
+@click.option("--topology", "topology_file", type=FILE,
               help="Topology file (default: the one the plan names).")
-@click.option("--gantt", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--gantt", type=FILE,
               help="Draw one simulated iteration to FILE.png or FILE.svg.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON instead.")
 @reports_input_errors
@@ -198,8 +196,8 @@ def _memory_table(the_plan: Plan, topology) -> Table:  # noqa: ANN001
 
 
 @click.command()
-@click.argument("plan_file", type=TOPOLOGY)
-@click.option("--topology", "topology_file", type=TOPOLOGY,
+@click.argument("plan_file", type=FILE)
+@click.option("--topology", "topology_file", type=FILE,
               help="Topology file (default: the one the plan names).")
 @click.option("--model", "model_name", help="Model file or preset (default: the plan's).")
 @click.option("--baseline", type=click.Choice(["none", "naive", "full"]), default="none",

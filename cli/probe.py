@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cli.errors import EXIT_INCOMPLETE, reports_input_errors
+from cli.options import FILE, finite_range
 from topology.errors import InputError
 from topology.files import check_output, write_text_atomic
 from topology.hosts import load_hosts
@@ -22,8 +23,7 @@ from topology.probe import Coordinator, ProbeOptions, ProbeReport
 from topology.protocol import DEFAULT_PORT, load_token, new_token, parse_endpoint, zmq_url
 from topology.schema import TOPOLOGY_VERSION, Topology, load_topology, save_topology
 
-# A folder or a device given as a file is refused by hetsched in one line, not by click.
-FILE = click.Path(path_type=Path)
+MAX_TIMEOUT_S = 3600.0
 
 
 @click.group()
@@ -86,7 +86,8 @@ def probe_token(output: Path) -> None:
               show_default=True, hidden=True)
 @click.option("--flops/--no-flops", default=True, show_default=True,
               help="Time a short matmul at start-up to report effective TFLOPS.")
-@click.option("--idle-timeout", type=click.FloatRange(min=1), default=30.0, show_default=True,
+@click.option("--idle-timeout", type=finite_range(1, MAX_TIMEOUT_S), default=30.0,
+              show_default=True,
               help="Seconds after which an idle bulk-transfer session is dropped.")
 @reports_input_errors
 def probe_agent(listen: str, token_file: Path, name: str | None, sysfs: Path, flops: bool,
@@ -124,11 +125,12 @@ def probe_agent(listen: str, token_file: Path, name: str | None, sysfs: Path, fl
               help="File holding the shared token.")
 @click.option("--pings", type=click.IntRange(1, 1000), default=30, show_default=True,
               help="Round trips per pair for the latency median.")
-@click.option("--seconds", type=click.FloatRange(0.1, 30), default=1.0, show_default=True,
+@click.option("--seconds", type=finite_range(0.1, 30), default=1.0, show_default=True,
               help="Duration of each bulk transfer (per direction).")
 @click.option("--streams", type=click.IntRange(1, 16), default=4, show_default=True,
               help="Parallel connections per bulk transfer.")
-@click.option("--timeout", type=click.FloatRange(min=0.5), default=10.0, show_default=True,
+@click.option("--timeout", type=finite_range(0.5, MAX_TIMEOUT_S), default=10.0,
+              show_default=True,
               help="Seconds to wait for an agent before calling it unreachable.")
 @click.option("--schedule", type=click.Choice(["tournament", "sequential"]),
               default="tournament", show_default=True,
@@ -233,9 +235,10 @@ def _speed(gbps: float | None) -> str:
 @click.option("-o", "--output", type=FILE,
               default=Path("topology.yaml"), show_default=True, help="Where to write the result.")
 @click.option("--pings", type=click.IntRange(1, 1000), default=30, show_default=True)
-@click.option("--seconds", type=click.FloatRange(0.1, 30), default=1.0, show_default=True)
+@click.option("--seconds", type=finite_range(0.1, 30), default=1.0, show_default=True)
 @click.option("--streams", type=click.IntRange(1, 16), default=4, show_default=True)
-@click.option("--timeout", type=click.FloatRange(min=0.5), default=10.0, show_default=True)
+@click.option("--timeout", type=finite_range(0.5, MAX_TIMEOUT_S), default=10.0,
+              show_default=True)
 @click.option("--schedule", type=click.Choice(["tournament", "sequential"]),
               default="tournament", show_default=True)
 @click.option("--flops/--no-flops", default=False, show_default=True,
