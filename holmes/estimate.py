@@ -15,6 +15,7 @@ by the lanes that cross it. The head and loss run where the layout says (`loss_a
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections import Counter
@@ -87,6 +88,18 @@ class Context:
 
     def memory_bytes(self, device: str) -> float:
         return self._device(device).memory_gb * costs.GB
+
+    def fabrics_of(self, host: str) -> frozenset[int]:
+        """Indexes of the fabrics `host` belongs to."""
+        return self._fabric_index.get(host, frozenset())
+
+    @functools.cached_property
+    def _fabric_index(self) -> dict[str, frozenset[int]]:
+        index: dict[str, set[int]] = {}
+        for i, fabric in enumerate(self.fabrics):
+            for host in fabric.hosts:
+                index.setdefault(host, set()).add(i)
+        return {host: frozenset(found) for host, found in index.items()}
 
     def _device(self, device: str):  # noqa: ANN202 - topology.schema.Device
         host, name = device.split(":", 1)
@@ -400,7 +413,7 @@ def _group_class(ctx: Context, devices: list[str]) -> str:
 def _host_class(ctx: Context, a: str, b: str) -> str:
     if a == b:
         return "intra_host"
-    if any(a in f.hosts and b in f.hosts for f in ctx.fabrics):
+    if ctx.fabrics_of(a) & ctx.fabrics_of(b):
         return "intra_fabric"
     if ctx.topology.host(a).site == ctx.topology.host(b).site:
         return "inter_fabric"

@@ -24,13 +24,14 @@ from pydantic import Field, PrivateAttr, model_validator
 
 from topology.addresses import Host as HostAddress
 from topology.files import load_yaml_mapping, write_text_atomic
-from topology.validation import Strict, bounded_float, bounded_int, validate_as
+from topology.validation import Strict, Version, bounded_float, bounded_int, validate_as
 
 TOPOLOGY_VERSION = 1
 
 # Sizes: the planner's time grows with them; beyond these a file is refused, not planned.
 MAX_HOSTS = 1024
 MAX_DEVICES_PER_HOST = 64
+MAX_DEVICES = 8192
 MAX_NICS_PER_HOST = 1024
 MAX_SITES = MAX_HOSTS
 MAX_LINKS = MAX_HOSTS * (MAX_HOSTS - 1) // 2
@@ -148,7 +149,7 @@ class Link(Strict):
 
 
 class Topology(Strict):
-    version: int
+    version: Version
     name: Name | None = None
     sites: list[Site] = Field(default_factory=list, max_length=MAX_SITES)
     hosts: list[Host] = Field(max_length=MAX_HOSTS)
@@ -163,6 +164,9 @@ class Topology(Strict):
             )
         _require_unique([s.name for s in self.sites], "sites", "site")
         _require_unique([h.name for h in self.hosts], "hosts", "host")
+        devices = sum(len(h.devices) for h in self.hosts)
+        if devices > MAX_DEVICES:
+            raise ValueError(f"hosts: {devices} devices in all, more than {MAX_DEVICES}")
         site_names = {s.name for s in self.sites}
         for i, host in enumerate(self.hosts):
             if host.site is not None and host.site not in site_names:
