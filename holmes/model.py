@@ -42,7 +42,7 @@ from pydantic import model_validator
 from topology.errors import InputError
 from topology.files import load_yaml_mapping
 from topology.schema import Name
-from topology.validation import Strict, bounded_float, bounded_int, validate_as
+from topology.validation import Strict, Version, bounded_float, bounded_int, validate_as
 
 MODEL_VERSION = 1
 
@@ -137,7 +137,7 @@ class TrainingSpec(Strict):
 class ModelConfig(Strict):
     """A whole model.yaml: version, model shape, training job."""
 
-    version: int
+    version: Version
     model: ModelSpec
     training: TrainingSpec
 

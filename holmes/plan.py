@@ -23,14 +23,14 @@ from topology.addresses import Endpoint
 from topology.addresses import Host as HostAddress
 from topology.files import load_yaml_mapping, write_text_atomic
 from topology.schema import MAX_DEVICES_PER_HOST, MAX_HOSTS, Name
-from topology.validation import Strict, bounded_float, bounded_int, validate_as
+from topology.validation import Strict, Version, bounded_float, bounded_int, validate_as
 
 PLAN_VERSION = 1
 MAX_WORLD = MAX_HOSTS * MAX_DEVICES_PER_HOST
 
 DeviceId = Annotated[str, Field(max_length=127, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*:"
                                 r"[A-Za-z0-9][A-Za-z0-9._-]*$")]
-Label = Annotated[str, Field(min_length=1, max_length=127)]
+Label = Annotated[str, Field(min_length=1, max_length=127, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
 EnvName = Annotated[str, Field(max_length=255, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 EnvValue = Annotated[str, Field(max_length=4096, pattern=r"^[^\x00]*$")]
 Index = bounded_int(0, MAX_WORLD - 1)
@@ -134,7 +134,7 @@ class Skipping(Strict):
 
 class Estimates(Strict):
     iteration_s: Seconds
-    tokens_per_s: bounded_float(0, 1e30, "tokens/s")
+    tokens_per_s: bounded_float(0, 1e24, "tokens/s")
     bytes_per_step: dict[Label, bounded_float(0, 1e24, "bytes")] = Field(max_length=64)
     memory_gb: dict[DeviceId, bounded_float(0, 100_000, "GB")] = Field(max_length=MAX_WORLD)
     bubble_fraction: bounded_float(0, 1)
@@ -146,7 +146,7 @@ class Plan(Strict):
     (`_consistent`), so show, simulate, launch and the runtime all refuse the same
     hand edits, naming the field, before anything reads a stage, a route or a rank."""
 
-    version: int
+    version: Version
     topology_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
     topology_file: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
     model: PlanModel

@@ -19,15 +19,15 @@ from pydantic import AfterValidator
 
 MAX_NAME_LENGTH = 253
 _LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
-_DNS_NAME = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*\.?$")
-_PORT = re.compile(r"^[0-9]{1,5}$")
+_DNS_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
+_PORT = re.compile(r"[0-9]{1,5}")
 
 
 def check_host(text: str) -> str:
     """`text` if it is an IP address or a DNS name, else ValueError saying why."""
     if _is_ip(text):
         return text
-    if len(text) > MAX_NAME_LENGTH or not _DNS_NAME.match(text):
+    if len(text) > MAX_NAME_LENGTH or not _DNS_NAME.fullmatch(text):
         raise ValueError(f"{_quote(text)} is not an IP address or a host name")
     return text
 
@@ -57,7 +57,7 @@ def check_endpoint(text: str) -> str:
 
 
 def _port(text: str, whole: str) -> int:
-    if not _PORT.match(text) or not 0 < int(text) < 65536:
+    if not _PORT.fullmatch(text) or not 0 < int(text) < 65536:
         raise ValueError(f"port out of range in {_quote(whole)} (a number in [1, 65535])")
     return int(text)
 

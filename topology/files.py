@@ -28,6 +28,7 @@ from topology.errors import InputError
 # libyaml's parser when PyYAML was built with it (about 5x faster on large topologies).
 _SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+_STR_TAG = "tag:yaml.org,2002:str"
 MAX_INPUT_BYTES = 256 * 2**20
 
 
@@ -47,19 +48,19 @@ class _UniqueKeyLoader(_SafeLoader):  # type: ignore[misc,valid-type]
                     continue
                 if key in first_line:
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"duplicate key {key[1]!r} (first on line "
+                        None, None, f"duplicate key {key_node.value!r} (first on line "
                         f"{first_line[key]})", key_node.start_mark)
                 first_line[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep)
 
 
 def _key_of(loader: yaml.BaseLoader, node: yaml.Node) -> tuple[str, Any] | None:
-    """What makes a mapping key the same as another: a scalar's tag and text (cheap),
-    else its constructed value; None for a merge key or an unhashable key (the base
-    constructor reports that one)."""
+    """What makes a mapping key the same as another: a string's text (cheap: nearly every
+    key), else its constructed value (`1` and `01` are one int); None for a merge key or
+    an unhashable key (the base constructor reports that one)."""
     if node.tag == _MERGE_TAG:
         return None
-    if isinstance(node, yaml.ScalarNode):
+    if node.tag == _STR_TAG:
         return node.tag, node.value
     value = loader.construct_object(node, deep=True)
     return (node.tag, value) if isinstance(value, Hashable) else None
@@ -147,8 +148,8 @@ def _mode(path: Path, field: str | None) -> int | None:
     """st_mode of `path` itself (a link is not followed); None when nothing is there."""
     try:
         return path.lstat().st_mode
-    except FileNotFoundError:
-        return None
+    except (FileNotFoundError, NotADirectoryError):
+        return None  # nothing there (a file above it is reported by _check_folder)
     except OSError as exc:
         raise InputError(f"cannot write: {exc.strerror or exc}", path, field) from None
 

@@ -18,7 +18,7 @@ from topology.addresses import Endpoint, split_endpoint
 from topology.files import load_yaml_mapping
 from topology.protocol import DEFAULT_PORT, zmq_url
 from topology.schema import MAX_HOSTS, MAX_SITES, Name, Site
-from topology.validation import Strict, validate_as
+from topology.validation import Strict, Version, validate_as
 
 HOSTS_VERSION = 1
 
@@ -38,7 +38,7 @@ class HostEntry(Strict):
 
 
 class HostsFile(Strict):
-    version: int
+    version: Version
     sites: list[Site] = Field(default_factory=list, max_length=MAX_SITES)
     hosts: list[HostEntry] = Field(min_length=1, max_length=MAX_HOSTS)
 

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from topology.errors import InputError
 from topology.files import load_yaml_mapping
-from topology.validation import bounded_float, validate_as
+from topology.validation import Version, bounded_float, validate_as
 
 LAB_SPEC_VERSION = 1
 DEFAULT_BUILTIN = "lab-2x2"
@@ -79,7 +79,7 @@ class LabWanLink(_Strict):
 class LabSpec(_Strict):
     """A whole lab: sites, WAN rates per site pair, and a short name."""
 
-    version: int
+    version: Version
     name: LabName
     description: Annotated[str, Field(max_length=4096)] | None = None
     sites: Annotated[list[LabSite], Field(min_length=1, max_length=MAX_SITES)]

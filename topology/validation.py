@@ -18,15 +18,18 @@ import math
 import re
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+from annotated_types import MaxLen
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from topology.errors import InputError
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+Field_ = tuple[str, Any, tuple[Any, ...]]
 
 
 class Strict(BaseModel):
@@ -60,6 +63,10 @@ def validate_as(model: type[ModelT], data: Any, path: str | Path) -> ModelT:
     except ValidationError as exc:
         field, message = describe_validation_error(exc)
         raise InputError(message, path, field) from None
+
+
+# A file's format version: a YAML integer (each schema checks it is the one it reads).
+Version = Annotated[int, Field(strict=True)]
 
 
 @dataclass(frozen=True)
@@ -113,30 +120,53 @@ def limit_of(bounded: Any) -> Limit:
     return next(m for m in typing.get_args(bounded)[1:] if isinstance(m, Limit))
 
 
-def number_fields(model: type[BaseModel], prefix: str = "") -> list[tuple[str, Limit | None]]:
-    """Every int/float field of `model` and of the schemas it holds, with its Limit (None:
-    unbounded), by dotted path: `hosts[].devices[].memory_gb` (`{}`: a mapping's values)."""
-    rows: list[tuple[str, Limit | None]] = []
+def schema_fields(model: type[BaseModel], prefix: str = "") -> Iterator[Field_]:
+    """Every field of `model` and of the schemas it holds, lists and mappings included:
+    (dotted path such as `hosts[].devices[].memory_gb`, `{}` for a mapping's values;
+    the field's type; its constraints)."""
     for name, info in model.model_fields.items():
-        limit = next((m for m in info.metadata if isinstance(m, Limit)), None)
-        rows += _numbers_in(info.annotation, f"{prefix}{name}", limit)
-    return rows
+        yield from _walk(info.annotation, f"{prefix}{name}", tuple(info.metadata))
 
 
-def _numbers_in(annotation: Any, path: str, limit: Limit | None) -> list[tuple[str, Limit | None]]:
-    if annotation in (int, float):
-        return [(path, limit)]
+def _walk(annotation: Any, path: str, metadata: tuple[Any, ...]) -> Iterator[Field_]:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return number_fields(annotation, f"{path}.")
+        yield from schema_fields(annotation, f"{path}.")
+        return
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is Annotated:
-        inner = next((m for m in args[1:] if isinstance(m, Limit)), limit)
-        return _numbers_in(args[0], path, inner)
-    if origin in (list, tuple):
-        items = [arg for arg in dict.fromkeys(args) if arg is not ...]
-        return [row for arg in items for row in _numbers_in(arg, f"{path}[]", None)]
-    if origin is dict:
-        return _numbers_in(args[1], f"{path}{{}}", None)
+        yield from _walk(args[0], path, metadata + args[1:])
+        return
     if origin in (typing.Union, types.UnionType):
-        return [row for arg in args for row in _numbers_in(arg, path, limit)]
-    return []
+        for arg in args:
+            yield from _walk(arg, path, metadata)
+        return
+    yield path, annotation, metadata
+    if origin in (list, tuple):
+        for arg in dict.fromkeys(a for a in args if a is not ...):
+            yield from _walk(arg, f"{path}[]", ())
+    elif origin is dict:
+        yield from _walk(args[1], f"{path}{{}}", ())
+
+
+def number_fields(model: type[BaseModel]) -> list[tuple[str, Limit | None]]:
+    """Every int/float field of `model` (nested schemas too) and its Limit (None: none)."""
+    return [(path, next((m for m in meta if isinstance(m, Limit)), None))
+            for path, kind, meta in schema_fields(model) if kind in (int, float)]
+
+
+def size_fields(model: type[BaseModel]) -> list[tuple[str, int]]:
+    """Every list or mapping of `model` (nested schemas too) with a largest size."""
+    return [(path, m.max_length) for path, kind, meta in schema_fields(model)
+            if typing.get_origin(kind) in (list, dict) for m in meta if isinstance(m, MaxLen)]
+
+
+def limits_markdown(schemas: dict[str, type[BaseModel]]) -> str:
+    """The tables of docs/limits.md: every bounded number, then every bounded size."""
+    lines = ["| file | field | range |", "|---|---|---|"]
+    for file, model in schemas.items():
+        lines += [f"| {file} | `{path}` | {limit.describe()} |"
+                  for path, limit in number_fields(model) if limit is not None]
+    lines += ["", "| file | list | at most |", "|---|---|---|"]
+    for file, model in schemas.items():
+        lines += [f"| {file} | `{path}` | {size:,} |" for path, size in size_fields(model)]
+    return "\n".join(lines) + "\n"
