@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
 import yaml
-from pydantic import Field, model_validator
+from pydantic import Field, PrivateAttr, model_validator
 
 from holmes.model import MAX_MICROBATCHES, Dtype, GlobalBatch, Layers, Microbatch, SeqLen
 from holmes.model import Hidden as HiddenSize
@@ -159,6 +159,7 @@ class Plan(Strict):
     diloco: DilocoSettings | None = None
     launch: list[LaunchHost] = Field(min_length=1, max_length=MAX_HOSTS)
     estimates: Estimates
+    _stage_by_id: dict[int, Stage] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -178,6 +179,7 @@ class Plan(Strict):
 
     def _check_replicas(self) -> None:
         stage_ids = _unique([s.id for s in self.stages], "stages", "id")
+        self._stage_by_id = {stage.id: stage for stage in self.stages}
         for i, replica in enumerate(self.replicas):
             if replica.id != i:
                 raise ValueError(f"replicas[{i}].id: replicas are numbered 0..n-1 in order, "
@@ -336,10 +338,9 @@ class Plan(Strict):
                     raise ValueError(f"{field}: unknown device {device}")
 
     def stage(self, stage_id: int) -> Stage:
-        for stage in self.stages:
-            if stage.id == stage_id:
-                return stage
-        raise ValueError(f"stages: no stage with id {stage_id}")
+        if stage_id not in self._stage_by_id:
+            raise ValueError(f"stages: no stage with id {stage_id}")
+        return self._stage_by_id[stage_id]
 
     def rank_of(self) -> dict[str, int]:
         """Global rank of every device, in launch order."""
