@@ -150,7 +150,8 @@ def print_rows(rows: list[Row], ctx: Context) -> None:
 def main() -> int:
     topology = load_example(EXAMPLE)
     config = load_model(MODEL)
-    decision, plan_s = timed(lambda: decide(topology, config, PlanOptions(stages=STAGES)))
+    options = PlanOptions(stages=STAGES, nccl_net="per-communicator")
+    decision, plan_s = timed(lambda: decide(topology, config, options))
     ctx = decision.context
     dtfm, naive = dtfm_layout(ctx), naive_geo_layout(ctx)
     rows = [

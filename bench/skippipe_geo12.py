@@ -167,7 +167,7 @@ def check(result: KResult) -> list[tuple[str, bool]]:
 
 def main() -> int:
     topology, config = load_example(EXAMPLE), load_model(MODEL)
-    decision = decide(topology, config, PlanOptions(stages=STAGES))
+    decision = decide(topology, config, PlanOptions(stages=STAGES, nccl_net="per-communicator"))
     ctx = decision.context
     est = with_origin_loss(decision.chosen, ctx)
     full_1f1b = times_of(full_pipeline_specs(est, ctx)[0])

@@ -2,9 +2,14 @@
 
 This module owns the command and its pre-flight: the plan must match the topology it
 was made for (its sha256) and every host must be reachable, else the launch is refused
-with exit status 2 before anything starts (`--force` goes on with a warning). The
-commands come from `cli.torchrun`; running and stopping them is `cli.supervise`.
-`--dry-run` prints, per host, the environment and the exact command instead.
+with exit status 2 before anything starts (`--force` goes on with a warning). With
+`--via local` or `--via lab` every host is this machine, so each group must also be
+runnable here (`holmes.transports.missing_here`: CUDA for NCCL, per-communicator NCCL
+settings the installed torch can pass, the HCAs named for RDMA); a group that is not is
+refused by name, even with `--force`. Over ssh the hosts cannot be looked at from here:
+each rank makes the same check on its own host when it starts. The commands come from
+`cli.torchrun`; running and stopping them is `cli.supervise`. `--dry-run` prints, per
+host, the network each of its groups runs on, the environment and the exact command.
 """
 
 from __future__ import annotations
@@ -25,9 +30,18 @@ import click
 from cli.errors import reports_input_errors
 from cli.options import FILE
 from cli.supervise import Printer, report, supervise
-from cli.torchrun import LOOPBACK, HostCommand, LaunchSpec, Via, build_commands, check_plan_hosts
+from cli.torchrun import (
+    LOOPBACK,
+    HostCommand,
+    LaunchSpec,
+    Via,
+    build_commands,
+    check_plan_hosts,
+    host_ranks,
+)
 from holmes.plan import Plan, load_plan
 from holmes.review import check_plan_source, plan_topology
+from holmes.transports import missing_here
 from topology.errors import InputError
 from topology.lab import LabError, LabState, find_lab, missing_namespaces
 
@@ -103,6 +117,8 @@ def launch(plan_file: Path, script: tuple[str, ...], via: Via, lab_name: str | N
     if dry_run:
         click.echo(_dry_run_json(spec, commands) if as_json else _dry_run_text(spec, commands))
         return
+    if via != "ssh":
+        _check_runnable_here(plan)
     _check_reachable(commands, spec, lab, force)
     printer = Printer(sys.stdout, sys.stderr)
     printer.note(f"{_count(len(commands), 'host', 'hosts')} via {via}, rendezvous "
@@ -134,6 +150,15 @@ def _check_topology(plan: Plan, plan_file: Path, topology_file: Path | None, for
         click.echo(f"warning: {exc.render()}; launching anyway (--force)", err=True)
 
 
+def _check_runnable_here(plan: Plan) -> None:
+    """Every host runs on this machine: refuse a group it cannot run, naming it."""
+    for host, ranks in host_ranks(plan).items():
+        for group in (g for g in plan.groups if set(ranks) & set(g.ranks)):
+            reason = missing_here(group, host)
+            if reason is not None:
+                raise InputError(f"{reason}; nothing was started", field="groups")
+
+
 def _default_rdzv_id(plan_file: Path) -> str:
     digest = hashlib.sha256(plan_file.read_bytes()).hexdigest()[:12]
     return f"hs-{digest}-{time.strftime('%Y%m%d%H%M%S')}"
@@ -163,6 +188,7 @@ def _dry_run_text(spec: LaunchSpec, commands: list[HostCommand]) -> str:
              f"(c10d, id {spec.rdzv_id})"]
     for command in commands:
         lines.append(f"# {command.header()}")
+        lines.extend(f"# {group.describe()}" for group in command.groups)
         for name, value in command.env.items():
             source = command.sources.get(name, "launcher")
             comment = "" if source == "launcher" else f"  # {source}"
@@ -178,6 +204,8 @@ def _dry_run_json(spec: LaunchSpec, commands: list[HostCommand]) -> str:
         "host": c.host, "address": c.address, "node_rank": c.node_rank, "ranks": list(c.ranks),
         "nproc_per_node": c.nproc, "rdzv_endpoint": c.rdzv_endpoint, "env": c.env,
         "env_sources": c.sources, "notes": list(c.notes), "argv": list(c.argv),
+        "groups": [{"name": g.name, "kind": g.kind, "ranks": list(g.ranks),
+                    "transport": g.transport, "nccl_config": g.nccl_config} for g in c.groups],
         "command": c.render(),
     } for c in commands]
     return json.dumps({"plan": str(spec.plan_path), "via": spec.via, "rdzv_id": spec.rdzv_id,

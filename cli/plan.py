@@ -12,12 +12,20 @@ from rich.table import Table
 
 from cli.errors import reports_input_errors
 from cli.options import FILE
-from holmes.estimate import DilocoChoice, Estimate
+from holmes.estimate import GPU_RESERVED_GB, DilocoChoice, Estimate, usable_memory_gb
+from holmes.hosts import CPU_HOST_FLAG
 from holmes.model import list_presets, load_model
 from holmes.plan import Plan, load_plan, save_plan
-from holmes.plan_build import build_plan, summary
-from holmes.planner import PlanOptions, decide, naive_estimate
-from holmes.review import check_plan_source, estimate_plan, plan_model, plan_topology
+from holmes.plan_build import build_plan, idle_lines, left_out_lines, summary
+from holmes.planner import PlanOptions, decide, naive_estimate, naive_like_estimate
+from holmes.review import (
+    check_plan_source,
+    estimate_plan,
+    plan_diloco,
+    plan_model,
+    plan_topology,
+    planned_topology,
+)
 from holmes.skipping import DEFAULT_MAX_SWAPS, SkipChoice
 from topology.errors import InputError
 from topology.files import check_output, write_bytes_atomic
@@ -26,6 +34,9 @@ from topology.schema import load_topology
 MAX_SYNC_EVERY = 1_000_000
 MAX_FRAGMENTS = 1024
 DEFAULT_OVERLAP_STEPS = 2
+TABLE_ROWS = 32
+CANDIDATE_ROWS = 8
+NAIVE_LIKE = "naive, the plan's replicas and sync"
 
 
 @click.command()
@@ -51,11 +62,23 @@ DEFAULT_OVERLAP_STEPS = 2
               "non-first stages; routes are chosen to avoid collisions (default: no skipping).")
 @click.option("--max-swaps", type=click.IntRange(0, 1024), default=DEFAULT_MAX_SWAPS,
               show_default=True, help="SkipPipe: swaps of consecutive stages per route.")
+@click.option("--optimizer-sharding", type=click.Choice(["zero1", "none"]), default="zero1",
+              show_default=True, help="zero1: each device keeps 1/n of its stage's optimizer "
+              "state (n: the stage's data-parallel width); none: all of it. Memory follows.")
+@click.option("--nccl-net", type=click.Choice(["auto", "per-communicator", "per-process"]),
+              default="auto", show_default=True,
+              help="How NCCL groups get their network: per communicator (ncclConfig_t "
+              "net_name; needs a torch with ProcessGroupNCCL.Options().config.net_name) or "
+              "per process (NCCL_NET). auto: what this machine's torch offers.")
+@click.option(CPU_HOST_FLAG, "include_cpu_hosts", is_flag=True,
+              help="Use hosts without a GPU in a GPU job (the whole job then runs on gloo).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON on stdout.")
 @reports_input_errors
 def plan(topology_file: Path, model_name: str, output: Path, sync: str, regime: str,
          stages: int | None, sync_every: int, fragments: int, quantization: str,
-         skip_ratio: float | None, max_swaps: int, as_json: bool) -> None:
+         skip_ratio: float | None, max_swaps: int, optimizer_sharding: str, nccl_net: str,
+         include_cpu_hosts: bool,
+         as_json: bool) -> None:
     """Plan MODEL on TOPOLOGY_FILE: stages, layers, groups, NICs, sync; write plan.yaml."""
     check_output(output, topology_file, Path(model_name), field="-o")
     skip = None
@@ -70,12 +93,14 @@ def plan(topology_file: Path, model_name: str, output: Path, sync: str, regime: 
                           diloco=DilocoChoice(sync_every=sync_every, fragments=fragments,
                                               overlap_steps=min(DEFAULT_OVERLAP_STEPS,
                                                                 sync_every - 1),
-                                              quantization=quantization))
+                                              quantization=quantization),
+                          optimizer_sharding=optimizer_sharding, nccl_net=nccl_net,
+                          include_cpu_hosts=include_cpu_hosts)
     topology = load_topology(topology_file)
     decision = decide(topology, load_model(model_name), options)
-    result = build_plan(decision, topology_file=_relative(topology_file, output),
-                        model_source=_relative(Path(model_name), output)
-                        if Path(model_name).is_file() else model_name)
+    relative = _relative_to(topology_file, output)
+    source = _relative_to(Path(model_name), output) if Path(model_name).is_file() else model_name
+    result = build_plan(decision, topology_file=relative, model_source=source)
     lines = summary(decision, result, topology.name or topology_file.name)
     save_plan(result, output, lines)
     console = Console(stderr=True)
@@ -87,19 +112,21 @@ def plan(topology_file: Path, model_name: str, output: Path, sync: str, regime: 
         click.echo(result.to_json())
 
 
-def _relative(path: Path, output: Path) -> str:
-    """`path` as seen from the folder of `output` (the plan names its inputs that way)."""
-    return os.path.relpath(path.resolve(), output.resolve().parent)
+def _relative_to(path: Path, plan_file: Path) -> str:
+    """`path` as the plan file will name it: relative to the plan's folder."""
+    return os.path.relpath(path.resolve(), plan_file.resolve().parent)
 
 
 def _candidates_table(candidates: list[Estimate], chosen: Estimate) -> Table:
     table = Table(title="candidates (fastest first)")
     for column in ("", "layout", "stages", "sync", "s/iter", "tokens/s", "bubble"):
         table.add_column(column, justify="left" if column in ("layout", "sync") else "right")
-    for e in sorted(candidates, key=lambda e: e.step_s)[:8]:
+    for e in sorted(candidates, key=lambda e: e.step_s)[:CANDIDATE_ROWS]:
         table.add_row("*" if e is chosen else "", e.layout.description, str(e.layout.stages),
                       e.sync, f"{e.step_s:.4g}", f"{e.tokens_per_s:,.0f}",
                       f"{e.bubble_fraction:.0%}")
+    if len(candidates) > CANDIDATE_ROWS:
+        table.add_row("", f"… {len(candidates) - CANDIDATE_ROWS} more", "", "", "", "", "")
     return table
 
 
@@ -128,6 +155,10 @@ def show(plan_file: Path, topology_file: Path | None, gantt: Path | None, as_jso
     console.print(_groups_table(the_plan))
     console.print(_load_table(the_plan))
     console.print(_memory_table(the_plan, topology))
+    if the_plan.idle:
+        console.print(_idle_table(the_plan))
+    for line in left_out_lines(the_plan) + idle_lines(the_plan):
+        console.print(line, highlight=False)
     if gantt is not None:
         _draw(the_plan, plan_file, topology, gantt)
         console.print(f"wrote {gantt}")
@@ -136,7 +167,7 @@ def show(plan_file: Path, topology_file: Path | None, gantt: Path | None, as_jso
 def _draw(the_plan: Plan, plan_file: Path, topology, gantt: Path) -> None:  # noqa: ANN001
     from cli.gantt import draw_gantt
 
-    result = estimate_plan(the_plan, topology, plan_model(the_plan, plan_file))
+    result = estimate_plan(the_plan, topology, plan_model(the_plan, None, plan_file))
     active = {event.node for event in result.simulation.timeline}
     rows = [d for s in the_plan.replicas[0].stages for d in the_plan.stage(s).devices
             if d in active]
@@ -160,16 +191,35 @@ def _stages_table(the_plan: Plan) -> Table:
 
 
 def _groups_table(the_plan: Plan) -> Table:
-    table = Table(title="process groups and the NICs they use")
-    for column in ("group", "kind", "ranks", "backend", "environment"):
+    how = the_plan.nccl_net_selection or "gloo"
+    table = Table(title=f"process groups, the network they run on ({how}) and their NICs")
+    for column in ("group", "kind", "ranks", "backend", "transport", "environment"):
         table.add_column(column)
-    for group in the_plan.groups[:40]:
+    for group in the_plan.groups[:TABLE_ROWS]:
         env = " ".join(f"{k}={v}" for k, v in group.env.items())
         if group.env_per_host:
             env += f" (+ per-host values on {len(group.env_per_host)} hosts)"
-        table.add_row(group.name, group.kind, str(len(group.ranks)), group.backend, env)
-    if len(the_plan.groups) > 40:
-        table.add_row("…", f"{len(the_plan.groups) - 40} more", "", "", "")
+        config = " ".join(f"{k}={v}" for k, v in group.nccl_config.items())
+        transport = (group.transport or "?") + (f" ({config})" if config else "")
+        table.add_row(group.name, group.kind, str(len(group.ranks)), group.backend, transport,
+                      env)
+    _more(table, len(the_plan.groups), 6)
+    return table
+
+
+def _more(table: Table, rows: int, columns: int) -> None:
+    """A last row `… N more` when a table shows only its first TABLE_ROWS rows."""
+    if rows > TABLE_ROWS:
+        table.add_row("…", f"{rows - TABLE_ROWS} more", *[""] * (columns - 2))
+
+
+def _idle_table(the_plan: Plan) -> Table:
+    table = Table(title=f"idle devices ({len(the_plan.idle)})")
+    table.add_column("device")
+    table.add_column("why")
+    for idle in the_plan.idle[:TABLE_ROWS]:
+        table.add_row(idle.device, idle.reason)
+    _more(table, len(the_plan.idle), 2)
     return table
 
 
@@ -185,13 +235,18 @@ def _load_table(the_plan: Plan) -> Table:
 
 
 def _memory_table(the_plan: Plan, topology) -> Table:  # noqa: ANN001
-    table = Table(title="memory per device (estimated peak)")
-    for column in ("device", "needs GB", "has GB", "headroom"):
+    table = Table(title=f"memory per device (estimated peak; a GPU keeps {GPU_RESERVED_GB:g} GB "
+                  "for the CUDA context and NCCL buffers)")
+    for column in ("device", "needs GB", "usable GB", "has GB", "headroom"):
         table.add_column(column, justify="left" if column == "device" else "right")
-    for device, needed in list(the_plan.estimates.memory_gb.items())[:32]:
+    memory = list(the_plan.estimates.memory_gb.items())
+    for device, needed in memory[:TABLE_ROWS]:
         host, name = device.split(":", 1)
-        has = next(d.memory_gb for d in topology.host(host).devices if d.name == name)
-        table.add_row(device, f"{needed:.1f}", f"{has:g}", f"{1 - needed / has:.0%}")
+        spec = next(d for d in topology.host(host).devices if d.name == name)
+        usable = usable_memory_gb(spec)
+        table.add_row(device, f"{needed:.1f}", f"{usable:.1f}", f"{spec.memory_gb:g}",
+                      f"{1 - needed / usable:.0%}")
+    _more(table, len(memory), 5)
     return table
 
 
@@ -201,8 +256,10 @@ def _memory_table(the_plan: Plan, topology) -> Table:  # noqa: ANN001
               help="Topology file (default: the one the plan names).")
 @click.option("--model", "model_name", help="Model file or preset (default: the plan's).")
 @click.option("--baseline", type=click.Choice(["none", "naive", "full"]), default="none",
-              show_default=True, help="naive: Megatron-style placement on the same devices; "
-              "full: the plan's placement with full-pipeline routes (no skipping).")
+              show_default=True, help="naive: Megatron's rank order on as many devices, the "
+              "plan's depth, per-step all-reduce, NCCL's own transport (and, for a plan with "
+              "replicas, the same rank order with its replicas and sync); full: the plan's "
+              "placement with full-pipeline routes (no skipping).")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 @reports_input_errors
 def simulate(plan_file: Path, topology_file: Path | None, model_name: str | None,
@@ -210,15 +267,27 @@ def simulate(plan_file: Path, topology_file: Path | None, model_name: str | None
     """Simulate one iteration of PLAN_FILE (and a baseline) with the pipeline simulator."""
     the_plan = load_plan(plan_file)
     topology = plan_topology(the_plan, plan_file, topology_file)
-    config = plan_model(the_plan, plan_file, model_name)
+    config = plan_model(the_plan, model_name, plan_file)
     rows = {"plan": estimate_plan(the_plan, topology, config)}
+    missing: dict[str, str] = {}
     if baseline == "naive":
-        rows["naive"] = naive_estimate(topology, config, rows["plan"])
+        planned = planned_topology(the_plan, topology)
+        naives = {"naive": lambda: naive_estimate(planned, config, rows["plan"])}
+        if len(the_plan.replicas) > 1:
+            naives[NAIVE_LIKE] = lambda: naive_like_estimate(planned, config, rows["plan"],
+                                                             plan_diloco(the_plan))
+        for name, make in naives.items():
+            try:
+                rows[name] = make()
+            except InputError as exc:
+                missing[name] = exc.message
     if baseline == "full":
         rows["full pipeline"] = estimate_plan(the_plan, topology, config, full_routes=True)
-    figures = {name: {"iteration_s": e.step_s, "tokens_per_s": e.tokens_per_s,
-                      "bubble_fraction": e.bubble_fraction,
-                      "bytes_per_step": e.bytes_per_step} for name, e in rows.items()}
+    figures: dict[str, dict[str, object]] = {
+        name: {"iteration_s": e.step_s, "tokens_per_s": e.tokens_per_s,
+               "bubble_fraction": e.bubble_fraction, "bytes_per_step": e.bytes_per_step}
+        for name, e in rows.items()}
+    figures |= {name: {"none": reason} for name, reason in missing.items()}
     if as_json:
         click.echo(json.dumps(figures, indent=2))
         return
@@ -228,4 +297,7 @@ def simulate(plan_file: Path, topology_file: Path | None, model_name: str | None
     for name, e in rows.items():
         table.add_row(name, f"{e.step_s:.4g}", f"{e.tokens_per_s:,.0f}",
                       f"{e.bubble_fraction:.0%}", f"{e.step_s / rows['plan'].step_s:.2f}x")
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    for name, reason in missing.items():
+        console.print(f"{name}: none: {reason}", highlight=False)

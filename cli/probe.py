@@ -17,10 +17,17 @@ from rich.table import Table
 from cli.errors import EXIT_INCOMPLETE, reports_input_errors
 from cli.options import FILE, finite_range
 from topology.errors import InputError
-from topology.files import check_output, write_text_atomic
+from topology.files import check_output
 from topology.hosts import load_hosts
 from topology.probe import Coordinator, ProbeOptions, ProbeReport
-from topology.protocol import DEFAULT_PORT, load_token, new_token, parse_endpoint, zmq_url
+from topology.protocol import (
+    DEFAULT_PORT,
+    OPEN_TOKEN_FLAG,
+    load_token,
+    parse_endpoint,
+    write_token,
+    zmq_url,
+)
 from topology.schema import TOPOLOGY_VERSION, Topology, load_topology, save_topology
 
 MAX_TIMEOUT_S = 3600.0
@@ -67,13 +74,18 @@ def probe_local(output: Path | None, sysfs: Path, name: str | None, site: str | 
 @probe.command("token")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Where to write the new token (mode 0600).")
+@click.option("--force", is_flag=True,
+              help="Replace an existing token file (agents need the new token to be restarted).")
 @reports_input_errors
-def probe_token(output: Path) -> None:
+def probe_token(output: Path, force: bool) -> None:
     """Create a random shared token for agents and the coordinator."""
-    check_output(output, field="-o")
-    write_text_atomic(output, new_token() + "\n")
-    output.chmod(0o600)
+    write_token(output, force=force)
     click.echo(f"wrote {output}; copy it to every agent host", err=True)
+
+
+allow_open_token_option = click.option(
+    OPEN_TOKEN_FLAG, "allow_open_token", is_flag=True,
+    help="Accept a token file that group or others may read or write.")
 
 
 @probe.command("agent")
@@ -89,9 +101,10 @@ def probe_token(output: Path) -> None:
 @click.option("--idle-timeout", type=finite_range(1, MAX_TIMEOUT_S), default=30.0,
               show_default=True,
               help="Seconds after which an idle bulk-transfer session is dropped.")
+@allow_open_token_option
 @reports_input_errors
 def probe_agent(listen: str, token_file: Path, name: str | None, sysfs: Path, flops: bool,
-                idle_timeout: float) -> None:
+                idle_timeout: float, allow_open_token: bool) -> None:
     """Serve measurement requests (ping, bulk transfer, local discovery) until stopped.
 
     The agent answers only signed measurement requests; it never runs commands.
@@ -100,11 +113,11 @@ def probe_agent(listen: str, token_file: Path, name: str | None, sysfs: Path, fl
     from topology.discover import discover_host
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s agent %(levelname)s %(message)s")
-    key = load_token(token_file)
     try:
         url = zmq_url(*parse_endpoint(listen))
     except ValueError as exc:
         raise InputError(str(exc), field="--listen") from None
+    key = load_token(token_file, allow_open=allow_open_token)
     local = discover_host(sysfs, name=name, measure_flops=flops).model_dump(mode="json")
     try:
         agent = Agent(AgentConfig(url=url, key=key, local=local, idle_timeout_s=idle_timeout))
@@ -137,10 +150,11 @@ def probe_agent(listen: str, token_file: Path, name: str | None, sysfs: Path, fl
               help="tournament: disjoint pairs in parallel rounds; sequential: one pair at a time.")
 @click.option("--name", help="Name to record in the topology.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+@allow_open_token_option
 @reports_input_errors
 def probe_run(hosts_file: Path, output: Path, token_file: Path, pings: int, seconds: float,
               streams: int, timeout: float, schedule: str, name: str | None,
-              as_json: bool) -> None:
+              as_json: bool, allow_open_token: bool) -> None:
     """Measure every pair of the agents listed in HOSTS_FILE and write topology.yaml.
 
     Exit status: 0 when everything was measured, 1 when a host or link could not be
@@ -148,7 +162,7 @@ def probe_run(hosts_file: Path, output: Path, token_file: Path, pings: int, seco
     """
     check_output(output, hosts_file, token_file, field="-o")
     hosts = load_hosts(hosts_file)
-    key = load_token(token_file)
+    key = load_token(token_file, allow_open=allow_open_token)
     options = ProbeOptions(pings=pings, seconds=seconds, streams=streams, timeout_s=timeout,
                            schedule=schedule)
     report = run_with_progress(Coordinator(hosts, key, options), name)

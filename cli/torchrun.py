@@ -3,18 +3,22 @@
 This module owns turning a `Plan` and the launch options into one `HostCommand` per
 host of the plan's `launch` section: the torchrun argv (nodes, node rank, processes,
 c10d rendezvous), the environment of that host's processes (the plan's path, the host's
-name and the NCCL/gloo variables of the process groups its ranks belong to), and the
-wrapping that gets it there (`ip netns exec` for the lab, `ssh` for real hosts). Each
-torchrun is told its own address (`--local-addr`) and, outside local runs, whether it
-serves the rendezvous store (`--rdzv-conf is_host=`), since torchrun's guesses from the
-hostname fail inside lab namespaces. It does no I/O: building a command never starts,
-resolves or checks anything.
+name and the NCCL/gloo variables of the process groups its ranks belong to), the groups
+its ranks belong to with the network each runs on, and the wrapping that gets it there
+(`ip netns exec` for the lab, `ssh` for real hosts). Each torchrun is told its own
+address (`--local-addr`) and, outside local runs, whether it serves the rendezvous store
+(`--rdzv-conf is_host=`), since torchrun's guesses from the hostname fail inside lab
+namespaces. It does no I/O: building a command never starts, resolves or checks anything.
 
-A process holds one value per variable, but a host's ranks may sit in several groups
-whose environments differ. Groups are merged by precedence: data > pipeline >
-replica/diloco (the traffic that is heaviest and most local wins); within a kind the
-plan's order decides; `env_per_host[host]` overrides its group's common env. Every value
-that lost is kept as a note, so `--dry-run` shows it to the reviewer.
+A process holds one value per variable, but a host's ranks may sit in several groups.
+Each group's network is its own (`ncclConfig_t.net_name`, which the runtime passes when
+it creates the group); the environment carries only what every group of the host agrees
+on (socket interface, HCA list, GID index; `NCCL_NET` only under per-process selection,
+where the planner already put all of a process's groups on it). Two groups that want
+different values of one variable on a host are refused, naming both: one of them would
+run on something it did not ask for. A variable only some groups set is kept; one that
+picks the network (`NETWORK_VARIABLES`) is noted when it reaches a group with an
+environment of its own that does not set it.
 """
 
 from __future__ import annotations
@@ -30,10 +34,10 @@ from topology.errors import InputError
 
 Via = Literal["local", "ssh", "lab"]
 
-KIND_PRECEDENCE = {"data": 0, "pipeline": 1, "replica": 2, "diloco": 2}
 LOOPBACK = "127.0.0.1"
 LOOPBACK_INTERFACE = "lo"
 SOCKET_IFNAME_SUFFIX = "_SOCKET_IFNAME"
+NETWORK_VARIABLES = frozenset({"NCCL_NET", "NCCL_IB_DISABLE"})
 SSH_OPTIONS = ("-o", "BatchMode=yes", "-tt")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SSH_TARGET = re.compile(r"^[A-Za-z0-9_.:@%\[\]-]+$")
@@ -71,6 +75,23 @@ class HostEnv:
 
 
 @dataclass(frozen=True)
+class GroupTransport:
+    """A process group one of a host's ranks belongs to, and the network it runs on."""
+
+    name: str
+    kind: str
+    ranks: tuple[int, ...]
+    transport: str
+    nccl_config: dict[str, str]
+
+    def describe(self) -> str:
+        config = ", ".join(f"{k}={v}" for k, v in self.nccl_config.items())
+        how = f"ncclConfig_t {config}" if config else "process environment"
+        return (f"group {self.name} ({self.kind}, ranks {format_ranks(self.ranks)}): "
+                f"{self.transport} ({how})")
+
+
+@dataclass(frozen=True)
 class HostCommand:
     """One host's torchrun: the argv started on this machine and the environment it gets.
 
@@ -90,6 +111,7 @@ class HostCommand:
     popen_env: dict[str, str]
     sources: dict[str, str]
     notes: tuple[str, ...]
+    groups: tuple[GroupTransport, ...] = ()
 
     def header(self) -> str:
         ranks = "rank" if len(self.ranks) == 1 else "ranks"
@@ -137,35 +159,41 @@ def check_plan_hosts(plan: Plan, via: Via) -> None:
 
 
 def merge_host_env(plan: Plan, host: str, ranks: tuple[int, ...]) -> HostEnv:
-    """The NCCL/gloo variables of every group that holds one of `ranks`, by precedence."""
+    """The NCCL/gloo variables of every group that holds one of `ranks`; they must agree."""
     mine = set(ranks)
-    groups = [g for g in plan.groups if mine & set(g.ranks)]
-    groups.sort(key=lambda g: KIND_PRECEDENCE[g.kind])
+    envs = [(group, _group_env(group, host)) for group in plan.groups if mine & set(group.ranks)]
     values: dict[str, str] = {}
     sources: dict[str, str] = {}
     notes: list[str] = []
-    envs = [(group, _group_env(group, host)) for group in groups]
     for group, env in envs:
         for name, value in env.items():
             if name not in values:
                 values[name], sources[name] = value, group.name
                 notes.extend(_widened(name, group, envs))
             elif values[name] != value:
-                notes.append(f"{name}: {group.name} wants {value!r}; {sources[name]}'s "
-                             f"{values[name]!r} takes precedence")
+                raise InputError(
+                    f"groups {sources[name]} and {group.name} want {name}={values[name]!r} and "
+                    f"{value!r} on host {host}, whose processes hold one value: give each "
+                    "group its network in nccl_config, or re-plan", field="groups")
     return HostEnv(values, sources, tuple(notes))
 
 
 def _widened(name: str, source: Group, envs: list[tuple[Group, dict[str, str]]]) -> list[str]:
-    """A note when `source`'s variable also reaches a group of higher precedence that
-    has an environment of its own without it (one environment per process)."""
-    rank = KIND_PRECEDENCE[source.kind]
-    over = [g.name for g, env in envs if KIND_PRECEDENCE[g.kind] < rank and env
-            and name not in env]
-    if not over:
+    """A note when `source`'s network variable also reaches a group with an environment of
+    its own that does not set it (one environment per process)."""
+    over = [g.name for g, env in envs if g is not source and env and name not in env]
+    if name not in NETWORK_VARIABLES or not over:
         return []
     return [f"{name}: set for {source.name}, so it also applies to {', '.join(over)} "
             "(one environment per process)"]
+
+
+def host_groups(plan: Plan, ranks: tuple[int, ...]) -> tuple[GroupTransport, ...]:
+    """The groups that hold one of `ranks`, with the network each runs on."""
+    mine = set(ranks)
+    return tuple(GroupTransport(g.name, g.kind, tuple(g.ranks), g.transport or "unrecorded",
+                                dict(g.nccl_config))
+                 for g in plan.groups if mine & set(g.ranks))
 
 
 def _group_env(group: Group, host: str) -> dict[str, str]:
@@ -217,7 +245,8 @@ def _host_command(plan: Plan, spec: LaunchSpec, host: LaunchHost, ranks: tuple[i
     else:
         argv, popen_env = torchrun, env
     return HostCommand(host.host, host.address, host.node_rank, ranks, host.nproc_per_node,
-                       endpoint, argv, env, popen_env, sources, notes)
+                       endpoint, argv, env, popen_env, sources, notes,
+                       host_groups(plan, ranks))
 
 
 def _host_environment(plan: Plan, spec: LaunchSpec, host: LaunchHost, ranks: tuple[int, ...]

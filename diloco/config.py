@@ -35,6 +35,9 @@ class DiLoCoConfig:
     error_feedback: add each replica's quantization error of a fragment's last payload
         to that fragment's next pseudo-gradient (costs one fp32 copy of the parameters).
     timeout_s: how long a replica waits for an exchange before failing.
+    start_timeout_s: how long a replica waits for the others at the initial broadcast.
+        Replicas start at different times (interpreter and torch start-up, a loaded
+        host), so the first meeting gets its own, longer bound than an exchange.
     broadcast_initial: copy group rank 0's parameters to every replica at start.
     """
 
@@ -50,6 +53,7 @@ class DiLoCoConfig:
     quant_block: int = 32
     error_feedback: bool = False
     timeout_s: float = 300.0
+    start_timeout_s: float = 600.0
     broadcast_initial: bool = True
 
     def __post_init__(self) -> None:
@@ -77,8 +81,9 @@ class DiLoCoConfig:
             problems.append("outer_lr must be > 0 and outer_momentum in [0, 1)")
         if self.quant_block < 2 or self.quant_block % 2:
             problems.append(f"quant_block must be even and >= 2, got {self.quant_block}")
-        if self.timeout_s <= 0:
-            problems.append(f"timeout_s must be > 0, got {self.timeout_s}")
+        if self.timeout_s <= 0 or self.start_timeout_s <= 0:
+            problems.append(f"timeout_s and start_timeout_s must be > 0, got "
+                            f"{self.timeout_s} and {self.start_timeout_s}")
         return problems
 
     def to_dict(self) -> dict[str, Any]:

@@ -15,6 +15,11 @@ alpha=0 and quantization=None this is plain DiLoCo.
         diloco.step()
     diloco.finish()
 
+Replicas that train on unequal shares of the data (say 412 and 100 microbatches per inner
+step) pass `weight`, their share: the exchange then averages w_r * Delta_r instead of the
+plain mean, as federated averaging weights each client by the samples it trained on.
+Every replica of the group must pass one, and the weights must sum to 1.
+
 The global parameters, the outer momentum, the step and (for an exact restart) the local
 model and inner optimizer live in `state_dict()`; it can be taken whenever no exchange is
 in flight (`quiescent`). A replica that dies or hangs makes the others raise
@@ -66,19 +71,26 @@ class DiLoCo:
         config: DiLoCoConfig | None = None,
         *,
         layers: Sequence[nn.Module] | None = None,
+        weight: float | None = None,
         **options: Any,
     ) -> None:
         """`model` is a module (split by layer) or a list of modules (explicit fragments).
 
         Give either `config` or its fields as keyword `options`; `layers` names the layers
-        to split by (default: the model's largest `nn.ModuleList`).
+        to split by (default: the model's largest `nn.ModuleList`). `weight`: this
+        replica's weight in the average of pseudo-gradients, in (0, 1] (None: the plain
+        mean over replicas).
         """
         if config is not None and options:
             raise TypeError("give either config=DiLoCoConfig(...) or keyword options, not both")
+        if weight is not None and not 0.0 < weight <= 1.0:
+            raise ValueError(f"weight must be in (0, 1], got {weight}")
         self.config = config if config is not None else DiLoCoConfig(**options)
         self.modules, self.fragments = _make_fragments(model, self.config, layers)
         self.inner_optimizer = inner_optimizer
         self.comm = CountingComm(group)
+        # what the exchange's mean (sum / replicas) is given: Delta * weight * replicas
+        self._scale = None if weight is None else weight * self.comm.world_size
         self.schedule = SyncSchedule(
             self.config.sync_every, self.config.fragments, self.config.overlap_steps
         )
@@ -210,6 +222,8 @@ class DiLoCo:
             if self._residual[index] is not None:
                 delta += self._residual[index]
             residual = torch.empty_like(delta)
+        if self._scale is not None:
+            delta *= self._scale
         if delta.is_cuda:  # the exchange thread reads delta: finish writing it first
             torch.cuda.current_stream(delta.device).synchronize()
         record = self.ledger.open("sync", index, self._step)
@@ -222,8 +236,10 @@ class DiLoCo:
         exchange = self._in_flight.pop(index)
         what = f"exchange of fragment {index} started after inner step {exchange.start_step}"
         average = self._wait(exchange.result, what)
-        if exchange.residual is not None:
-            self._residual[index] = exchange.residual
+        if exchange.residual is not None:  # in the units of the unweighted Delta
+            scale = self._scale
+            self._residual[index] = exchange.residual if scale is None else \
+                exchange.residual / scale
         self.outer.step(index, self._global[index], average)
         alpha = self.config.alpha
         fragment = self.fragments[index]
@@ -238,13 +254,15 @@ class DiLoCo:
         for fragment in self.fragments:
             record = self.ledger.open("broadcast", fragment.index, 0)
             work = partial(_broadcast, self.comm, _flatten(fragment.params), record)
-            flat = self._wait(self._worker.submit(work), "initial broadcast of the parameters")
+            flat = self._wait(self._worker.submit(work), "initial broadcast of the parameters",
+                              self.config.start_timeout_s)
             for param, view in zip(fragment.params, _views(flat, fragment.params), strict=True):
                 param.copy_(view)
 
-    def _wait(self, result: Any, what: str) -> torch.Tensor:
+    def _wait(self, result: Any, what: str, timeout_s: float | None = None) -> torch.Tensor:
         try:
-            return wait_for(result, self.config.timeout_s, what, self.comm.world_size)
+            return wait_for(result, timeout_s or self.config.timeout_s, what,
+                            self.comm.world_size)
         except ReplicaFailure as failure:
             self._failure = failure
             raise

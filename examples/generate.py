@@ -199,6 +199,17 @@ apart by NIC kind; ib2-00..ib2-07 is a second InfiniBand fabric, kept apart by s
     return topology("holmes-three-fabrics", sites, hosts), header
 
 
+def one_ib_fabric() -> tuple[Topology, str]:
+    hosts = fabric_hosts("ib", 16, "dc", A100_IB_HDR, 1)
+    sites = [Site(name="dc", description="one InfiniBand fabric")]
+    header = f"""\
+one-ib-fabric: 16 hosts x 8 A100 (128 GPUs) on one InfiniBand fabric in site 'dc'.
+Homogeneous: there is nothing for NIC-aware placement to gain, so a plan here should
+equal Megatron's rank order with NCCL's own transport (the fair naive baseline).
+{DATACENTRE_ASSUMPTIONS}"""
+    return topology("one-ib-fabric", sites, hosts), header
+
+
 def scale_1024() -> tuple[Topology, str]:
     islands = [
         ("ib-a", NicKind.INFINIBAND, A100_IB_HDR),
@@ -320,6 +331,7 @@ EXAMPLES: dict[str, Callable[[], tuple[Topology, str]]] = {
     "holmes-ib-roce": holmes_ib_roce,
     "holmes-a100-v100": holmes_a100_v100,
     "holmes-three-fabrics": holmes_three_fabrics,
+    "one-ib-fabric": one_ib_fabric,
     "scale-1024": scale_1024,
     "geo12": geo12,
 }

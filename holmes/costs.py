@@ -13,7 +13,8 @@ Parameters per layer
     norms      gpt: 2 LayerNorms = 4 h;  llama: 2 RMSNorms = 2 h
 Embedding: V h (+ s h learned positions for gpt). Head: final norm + V h. With tied
 embeddings the total counts V h once, but in a pipeline the head stage keeps its own
-copy (as Megatron-LM does), so its memory counts it again.
+copy (as Megatron-LM does), so its memory counts it again; a stage that holds both
+ends (one stage, or the head at the origin) holds one tensor and counts it once.
 
 Forward FLOPs per layer per sample (Narayanan et al., SC'21, "Efficient Large-Scale
 Language Model Training on GPU Clusters", section 5.1): 2 s * (matmul parameters of
@@ -279,6 +280,8 @@ def stage_memory(
     params = layers * layer_params(model)
     params += embedding_params(model) if holds_embedding else 0
     params += head_params(model) if holds_head else 0
+    if holds_embedding and holds_head and model.tie_embeddings:
+        params -= model.vocab * model.hidden  # one tensor is both ends
     weight_b, grad_b, optim_b = TRAINING_BYTES_PER_PARAM[model.dtype]
     activations = in_flight * layers * layer_activation_bytes(model, microbatch, recompute)
     activations += _fixed_activation_bytes(model, microbatch, holds_head, recompute)

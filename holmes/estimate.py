@@ -11,6 +11,18 @@ in its overlap window stalls training).
 When every stage of a replica has the same number of devices, the replica is a set of
 lanes and only its slowest lane is simulated; each host pair's bandwidth is then shared
 by the lanes that cross it. The head and loss run where the layout says (`loss_at`).
+
+Links run on the transport that will really be in effect (`holmes.transports`): RDMA
+between hosts of one RDMA fabric, sockets elsewhere, and sockets for every link of a
+process that per-process NCCL selection (or gloo, on CPU devices) puts on sockets.
+
+Memory: a GPU's capacity is its memory less GPU_RESERVED_GB for what the cost model does
+not count: the CUDA context (CUDA_CONTEXT_GB; PyTorch issue #34323 measured 781 MB used
+on a GPU by a process that only initialised CUDA) and NCCL's buffers
+(NCCL_COMMUNICATOR_GB per communicator; NVIDIA/nccl issue #964 measured 544 MB for a
+2-GPU and 688 MB for a larger PyTorch group on A100s) for NCCL_COMMUNICATORS_PER_GPU
+communicators (the data group, the cross-replica group and the pipeline's two
+point-to-point neighbours).
 """
 
 from __future__ import annotations
@@ -28,12 +40,22 @@ from holmes.model import ModelConfig
 from holmes.network import Network, host_of
 from holmes.partition import Partition, StageCost, partition_layers
 from holmes.placement import Layout, Stages
+from holmes.transports import Selection, fabric_transport, layout_groups, socket_devices
 from skippipe.simulate import PipelineSpec, Route, SimResult, simulate
 from topology.errors import InputError
-from topology.schema import Topology
+from topology.schema import Device, Topology
 
 QUANTIZED_BYTES_PER_PARAM = {"fp4": 0.5 + 2 / 32, "int8": 1.0 + 4 / 128, "bf16": 2.0,
                              "none": 4.0}
+CUDA_CONTEXT_GB = 0.8
+NCCL_COMMUNICATOR_GB = 0.6
+NCCL_COMMUNICATORS_PER_GPU = 4
+GPU_RESERVED_GB = CUDA_CONTEXT_GB + NCCL_COMMUNICATORS_PER_GPU * NCCL_COMMUNICATOR_GB
+
+
+def usable_memory_gb(device: Device) -> float:
+    """What the cost model may fill: a GPU's memory less GPU_RESERVED_GB (see above)."""
+    return device.memory_gb - (GPU_RESERVED_GB if device.kind == "gpu" else 0.0)
 
 
 @dataclass(frozen=True)
@@ -78,6 +100,8 @@ class Context:
     network: Network
     config: ModelConfig
     diloco: DilocoChoice = field(default_factory=DilocoChoice)
+    selection: Selection = "per-communicator"
+    optimizer_sharding: str = "zero1"  # or "none": see `optimizer_shards`
 
     @property
     def microbatch(self) -> int:
@@ -87,7 +111,7 @@ class Context:
         return self._device(device).tflops
 
     def memory_bytes(self, device: str) -> float:
-        return self._device(device).memory_gb * costs.GB
+        return usable_memory_gb(self._device(device)) * costs.GB
 
     def fabrics_of(self, host: str) -> frozenset[int]:
         """Indexes of the fabrics `host` belongs to."""
@@ -101,9 +125,28 @@ class Context:
                 index.setdefault(host, set()).add(i)
         return {host: frozenset(found) for host, found in index.items()}
 
-    def _device(self, device: str):  # noqa: ANN202 - topology.schema.Device
+    def is_cpu(self, device: str) -> bool:
+        return self._device(device).kind == "cpu"
+
+    def _device(self, device: str) -> Device:
         host, name = device.split(":", 1)
         return next(d for d in self.topology.host(host).devices if d.name == name)
+
+
+def socket_forced(layout: Layout, ctx: Context, sync: str) -> frozenset[str]:
+    """The devices of `layout` whose traffic runs on sockets even inside an RDMA fabric:
+    all of them when any is a CPU (gloo is TCP); under per-process NCCL selection the
+    closure of the socket groups (`holmes.transports.socket_devices`); else none."""
+    devices = layout.devices()
+    if any(ctx.is_cpu(d) for d in devices):
+        return frozenset(devices)
+    if ctx.selection == "per-communicator":
+        return frozenset()
+    groups = {name: devs for name, (_, devs) in
+              layout_groups(layout, sync, ctx.fabrics, fabric_pipelines=False).items()}
+    wanted = {name: fabric_transport(ctx.fabrics, [host_of(d) for d in devs])
+              for name, devs in groups.items()}
+    return frozenset(socket_devices(groups, wanted))
 
 
 def in_flight_cap(stage: int, stages: int, microbatches: int, loss_at: str = "last") -> int:
@@ -160,7 +203,7 @@ def partition_for(layout: Layout, ctx: Context, equal: bool = False) -> Partitio
             model, microbatch=ctx.microbatch,
             in_flight=in_flight_cap(s, layout.stages, in_flight_of, layout.loss_at),
             holds_embedding=s == 0, holds_head=head, recompute=training.recompute,
-            optimizer_shards=min(len(replica[s]) for replica in layout.replicas))
+            optimizer_shards=optimizer_shards(layout, s, ctx))
         fixed = costs.head_train_seconds(model, ctx.microbatch, ctx.tflops(slowest)) if head \
             else 0.0
         stage_costs.append(StageCost(
@@ -224,20 +267,22 @@ def estimate(layout: Layout, partition: Partition, ctx: Context, sync: str,
                                                              _first_ids(shares), strict=True)]
     results = []
     bytes_per_step: Counter[str] = Counter()
+    forced = socket_forced(layout, ctx, sync)
     for r, replica in enumerate(layout.replicas):
         routes = all_routes[r]
         full = all(len(rt.nodes) == len(replica) for rt in routes)
         # Lanes beyond the replica's microbatches stay idle: sample only busy ones.
         lanes = min(len(replica[0]), len(routes)) if full and _lane_sampled(replica) else 1
         simulated = routes[_slowest_lane(replica, ctx, lanes)::lanes]
-        spec = _spec(layout, replica, partition, ctx, simulated, lanes, in_flight)
+        spec = _spec(layout, replica, partition, ctx, simulated, lanes, forced, in_flight)
         result = simulate(spec, record_timeline=timeline and r == 0)
         results.append(result)
         for (a, b), nbytes in result.bytes_per_link.items():
             bytes_per_step[_link_class(ctx, a, b)] += nbytes * lanes
         _add_data_parallel_bytes(bytes_per_step, layout, replica, partition, ctx)
     iteration_s = max(r.iteration_s for r in results)
-    sync_s, notes = _sync_cost(layout, partition, ctx, sync, iteration_s, bytes_per_step)
+    sync_s, notes = _sync_cost(layout, partition, ctx, sync, iteration_s, bytes_per_step,
+                               forced)
     step_s = iteration_s + sync_s
     tokens = ctx.config.training.global_batch * ctx.config.model.seq_len
     return Estimate(
@@ -255,21 +300,23 @@ def full_pipeline_specs(est: Estimate, ctx: Context,
     """Per replica of `est`, the simulator's input for its full-pipeline routes over every
     device (no lane sampling): the starting point of a path scheduler."""
     shares = replica_microbatches(ctx.config, est.layout, ctx)
+    forced = socket_forced(est.layout, ctx, est.sync)
     return [_spec(est.layout, replica, est.partition, ctx, routes_of(replica, share, first), 1,
-                  in_flight)
+                  forced, in_flight)
             for replica, share, first in zip(est.layout.replicas, shares, _first_ids(shares),
                                              strict=True)]
 
 
 def _spec(layout: Layout, replica: Stages, partition: Partition, ctx: Context,
-          routes: list[Route], lanes: int,
+          routes: list[Route], lanes: int, forced: frozenset[str],
           in_flight: Mapping[str, int] | None = None) -> PipelineSpec:
     model, training = ctx.config.model, ctx.config.training
     forward, tails, limits = {}, {}, {}
     share = _lane_share(replica, layout.loss_at) if lanes > 1 else Counter()
     used = {d for route in routes for d in route.nodes}
     for s, stage in enumerate(replica):
-        allreduce = _stage_allreduce_s(stage, partition.layers[s], _holds(layout, s), ctx)
+        allreduce = _stage_allreduce_s(stage, partition.layers[s], _holds(layout, s), ctx,
+                                       forced)
         for device in (d for d in stage if d in used):
             forward[device] = (partition.layers[s] * ctx.microbatch
                                * costs.layer_forward_seconds(model, ctx.tflops(device)))
@@ -280,12 +327,15 @@ def _spec(layout: Layout, replica: Stages, partition: Partition, ctx: Context,
     loss = {d: costs.head_train_seconds(model, ctx.microbatch, ctx.tflops(d))
             for d in replica[layout.head_stage] if d in used}
 
+    def link(a: str, b: str) -> tuple[float, float]:
+        return ctx.network.device_link(a, b, socket=a in forced or b in forced)
+
     def latency(a: str, b: str) -> float:
-        return ctx.network.device_link(a, b)[0] / 1000
+        return link(a, b)[0] / 1000
 
     def bandwidth(a: str, b: str) -> float:
         shared = share.get(frozenset((host_of(a), host_of(b))), 1)
-        return costs.gbps_to_bytes_per_s(ctx.network.device_link(a, b)[1]) / max(1, shared)
+        return costs.gbps_to_bytes_per_s(link(a, b)[1]) / max(1, shared)
 
     return PipelineSpec(
         forward_s=forward, routes=routes,
@@ -324,21 +374,24 @@ def _gradient_bytes(ctx: Context, layers: int, holds: tuple[bool, bool]) -> floa
     return _stage_params(ctx.config.model, layers, holds) * grad_bytes
 
 
-def _ring_link(devices: list[str], ctx: Context) -> tuple[float, float]:
-    """(latency s, bytes/s) of the slowest hop of a ring over `devices` in host order."""
+def _ring_link(devices: list[str], ctx: Context, forced: frozenset[str]
+               ) -> tuple[float, float]:
+    """(latency s, bytes/s) of the slowest hop of a ring over `devices` in host order,
+    on sockets when any member's traffic is `forced` there."""
     hosts = list(dict.fromkeys(host_of(d) for d in devices))
+    socket = any(d in forced for d in devices)
     if len(hosts) == 1:
         latency_ms, gbps = ctx.network.host_link(hosts[0], hosts[0])
     else:
-        hops = [ctx.network.host_link(a, b) for a, b in zip(hosts, hosts[1:] + hosts[:1],
-                                                             strict=True)]
+        hops = [ctx.network.host_link(a, b, socket)
+                for a, b in zip(hosts, hosts[1:] + hosts[:1], strict=True)]
         latency_ms, gbps = max(h[0] for h in hops), min(h[1] for h in hops)
     return latency_ms / 1000, costs.gbps_to_bytes_per_s(gbps)
 
 
 def _stage_allreduce_s(stage: tuple[str, ...], layers: int, holds: tuple[bool, bool],
-                       ctx: Context) -> float:
-    latency, bandwidth = _ring_link(list(stage), ctx)
+                       ctx: Context, forced: frozenset[str]) -> float:
+    latency, bandwidth = _ring_link(list(stage), ctx, forced)
     return costs.allreduce_seconds(_gradient_bytes(ctx, layers, holds), len(stage), latency,
                                    bandwidth)
 
@@ -353,14 +406,15 @@ def _add_data_parallel_bytes(total: Counter[str], layout: Layout, replica: Stage
 
 
 def _sync_cost(layout: Layout, partition: Partition, ctx: Context, sync: str,
-               iteration_s: float, total: Counter[str]) -> tuple[float, list[str]]:
+               iteration_s: float, total: Counter[str],
+               forced: frozenset[str]) -> tuple[float, list[str]]:
     replicas = len(layout.replicas)
     if replicas == 1 or sync == "none":
         return 0.0, []
     seconds, notes = 0.0, []
     for s in range(layout.stages):
         across = [replica[s][0] for replica in layout.replicas]
-        latency, bandwidth = _ring_link(across, ctx)
+        latency, bandwidth = _ring_link(across, ctx, forced)
         bandwidth *= _parallel_rings(layout, s)
         grads = _gradient_bytes(ctx, partition.layers[s], _holds(layout, s))
         group_class = _group_class(ctx, across)
@@ -442,7 +496,16 @@ def _device_memory(layout: Layout, partition: Partition, ctx: Context, stage: in
         ctx.config.model, layers=partition.layers[stage], microbatch=ctx.microbatch,
         in_flight=in_flight, holds_embedding=stage == 0,
         holds_head=stage == layout.head_stage, recompute=ctx.config.training.recompute,
-        optimizer_shards=min(len(replica[stage]) for replica in layout.replicas)).total
+        optimizer_shards=optimizer_shards(layout, stage, ctx)).total
+
+
+def optimizer_shards(layout: Layout, stage: int, ctx: Context) -> int:
+    """Over how many devices a device of `stage` shares its optimizer state: the stage's
+    narrowest data-parallel width with ZeRO-1 (each replica shards over its own width;
+    the narrowest is the one that holds most per device), 1 without sharding."""
+    if ctx.optimizer_sharding == "none":
+        return 1
+    return min(len(replica[stage]) for replica in layout.replicas)
 
 
 def memory_in_flight(layout: Layout, partition: Partition, ctx: Context) -> dict[str, int]:

@@ -272,11 +272,11 @@ def load_model(name_or_path: str | Path) -> ModelConfig:
     path (a separator or a .yaml/.yml/.json suffix) and does not exist is "file not found".
     """
     path = Path(name_or_path)
-    if path.is_file() or looks_like_path(str(name_or_path)):
+    if path.is_file() or _looks_like_path(str(name_or_path)):
         return parse_model(load_yaml_mapping(path), path)
     return preset_model(str(name_or_path))
 
 
-def looks_like_path(text: str) -> bool:
+def _looks_like_path(text: str) -> bool:
     """A separator or a model-file suffix: meant as a file, never as a preset name."""
     return "/" in text or "\\" in text or text.endswith((".yaml", ".yml", ".json"))

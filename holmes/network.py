@@ -4,8 +4,9 @@ Figures come from the topology's measured links where there is one. Between host
 one fabric without a measured link, the fabric's NIC speed is used; otherwise the
 slower of the two hosts' fastest Ethernet NICs (both must have a known speed). Devices
 of one host talk over INTRA_HOST_GBPS (an NVLink/PCIe-class assumption, stated here
-because the topology does not measure it). `socket_only` views the network as
-Megatron-style tools without NIC awareness use it: every host pair over Ethernet sockets.
+because the topology does not measure it). A link asked for with `socket=True` is the
+one NCCL's socket transport uses: the Ethernet figure even between hosts of one RDMA
+fabric (`holmes.transports` says which traffic runs on sockets).
 """
 
 from __future__ import annotations
@@ -31,23 +32,23 @@ class Network:
 
     topology: Topology
     fabrics: list[Fabric]
-    socket_only: bool = False
-    assumed: list[tuple[str, str]] = field(default_factory=list)
-    _cache: dict[tuple[str, str], tuple[float, float]] = field(default_factory=dict)
+    assumed: set[tuple[str, str]] = field(default_factory=set)
+    _cache: dict[tuple[str, str, bool], tuple[float, float]] = field(default_factory=dict)
 
-    def host_link(self, a: str, b: str) -> tuple[float, float]:
-        """(latency_ms, bandwidth_gbps) between hosts `a` and `b`."""
+    def host_link(self, a: str, b: str, socket: bool = False) -> tuple[float, float]:
+        """(latency_ms, bandwidth_gbps) between hosts `a` and `b` (over sockets when
+        `socket`, RDMA where they share an RDMA fabric otherwise)."""
         if a == b:
             return INTRA_HOST_LATENCY_MS, INTRA_HOST_GBPS
-        key = (a, b) if a < b else (b, a)
+        key = (a, b, socket) if a < b else (b, a, socket)
         if key not in self._cache:
             self._cache[key] = self._lookup(*key)
         return self._cache[key]
 
-    def device_link(self, a: str, b: str) -> tuple[float, float]:
-        return self.host_link(host_of(a), host_of(b))
+    def device_link(self, a: str, b: str, socket: bool = False) -> tuple[float, float]:
+        return self.host_link(host_of(a), host_of(b), socket)
 
-    def _lookup(self, a: str, b: str) -> tuple[float, float]:
+    def _lookup(self, a: str, b: str, socket: bool) -> tuple[float, float]:
         link = self.topology.link(a, b)
         if link is not None and link.status == "unreachable":
             raise InputError(f"hosts {a} and {b} cannot reach each other: {link.reason}",
@@ -56,11 +57,11 @@ class Network:
         fabric_speed = fabric.speed_gbps if fabric is not None and fabric.rdma else None
         if link is not None:
             bandwidth = link.bandwidth_gbps
-            if self.socket_only and fabric_speed is not None:
+            if socket and fabric_speed is not None:
                 bandwidth = min(bandwidth, self._ethernet_gbps(a, b))
             return link.latency_ms, bandwidth
-        self.assumed.append((a, b))
-        if fabric_speed is not None and not self.socket_only:
+        self.assumed.add((a, b))
+        if fabric_speed is not None and not socket:
             return UNMEASURED_LATENCY_MS, fabric_speed
         return UNMEASURED_LATENCY_MS, self._ethernet_gbps(a, b)
 

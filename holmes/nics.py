@@ -1,18 +1,26 @@
-"""NIC selection per process group (Holmes' automatic NIC selection).
+"""NIC selection per process group (Holmes' automatic NIC selection), as process variables.
 
-A group whose hosts all sit on one RDMA fabric gets `NCCL_IB_HCA` with exactly the HCA
-ports of that fabric's kind (and `NCCL_IB_GID_INDEX` for RoCE v2), plus
-`NCCL_SOCKET_IFNAME` on its best Ethernet netdev for NCCL's bootstrap. A group that
-spans fabrics (or has no RDMA) gets `NCCL_NET=Socket` and `NCCL_IB_DISABLE=1` on the
-best netdev its hosts have. gloo groups get `GLOO_SOCKET_IFNAME`; where hosts name that
-netdev differently, the value is given per host.
+Which network a group runs on is `holmes.transports`' decision; this module writes the
+environment that goes with it. Every value is per host (the host's own netdev and HCA
+ports) and is collapsed into `common` where all hosts of the group agree, so the groups
+of one process agree on it too and the launcher can set it once per process:
+
+- NCCL, every group: `NCCL_SOCKET_IFNAME==<netdev>` on the host's best Ethernet netdev
+  (NCCL's bootstrap, and its socket transport);
+- NCCL, RDMA transport: `NCCL_IB_HCA` with exactly the host's ports of the fabric's kind
+  (and `NCCL_IB_GID_INDEX` for RoCE v2);
+- NCCL, socket transport under per-process selection: `NCCL_NET=Socket` (per-communicator
+  selection puts the network in the group's `ncclConfig_t` instead, and nothing in the
+  environment disables RDMA);
+- gloo: `GLOO_SOCKET_IFNAME` on the same netdev.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from holmes.fabric import Fabric, fabric_of_host, usable_nics
+from holmes.fabric import usable_nics
+from holmes.transports import Selection, Transport
 from topology.errors import InputError
 from topology.schema import Host, Nic, NicKind, Topology
 
@@ -43,36 +51,42 @@ def rdma_ports(host: Host, kind: NicKind) -> list[Nic]:
     return [n for n in usable_nics(host) if n.kind == kind and n.rdma_device]
 
 
-def group_env(
-    topology: Topology, fabrics: list[Fabric], hosts: list[str], backend: str
-) -> GroupEnv:
-    """The NCCL or gloo environment for a group over `hosts` (host names, any order)."""
+def group_env(topology: Topology, hosts: list[str], backend: str, transport: Transport,
+              selection: Selection) -> GroupEnv:
+    """The NCCL or gloo environment of a group over `hosts` (host names, any order) that
+    runs on `transport`."""
     members = [topology.host(h) for h in dict.fromkeys(hosts)]
-    netdevs = {h.name: socket_netdev(h) for h in members}
     if backend == "gloo":
-        return _per_host_or_common("GLOO_SOCKET_IFNAME", netdevs)
-    socket_ifname = "=" + ",".join(sorted(set(netdevs.values())))
-    shared = {fabric_of_host(fabrics, h.name).name: fabric_of_host(fabrics, h.name)
-              for h in members}
-    fabric = next(iter(shared.values()))
-    if len(shared) == 1 and fabric.rdma:
-        return GroupEnv(common=_rdma_env(members, fabric.kind, socket_ifname))
-    return GroupEnv(common={"NCCL_NET": "Socket", "NCCL_IB_DISABLE": "1",
-                            "NCCL_SOCKET_IFNAME": socket_ifname})
+        return _collapse({h.name: {"GLOO_SOCKET_IFNAME": socket_netdev(h)} for h in members})
+    per_host = {h.name: {"NCCL_SOCKET_IFNAME": "=" + socket_netdev(h)} for h in members}
+    if transport != "socket":
+        kind = NicKind.INFINIBAND if transport == "infiniband" else NicKind.ROCE
+        for h in members:
+            per_host[h.name].update(_rdma_env(h, kind))
+    common = {"NCCL_NET": "Socket"} if transport == "socket" and selection == "per-process" \
+        else {}
+    collapsed = _collapse(per_host)
+    return GroupEnv(common={**common, **collapsed.common}, per_host=collapsed.per_host)
 
 
-def _rdma_env(members: list[Host], kind: NicKind, socket_ifname: str) -> dict[str, str]:
-    ports = sorted({f"{n.rdma_device}:{n.rdma_port or 1}" for h in members
-                    for n in rdma_ports(h, kind)})
-    env = {"NCCL_IB_HCA": "=" + ",".join(ports), "NCCL_SOCKET_IFNAME": socket_ifname}
-    if kind == NicKind.ROCE:
-        gids = {n.gid_index for h in members for n in rdma_ports(h, kind)} - {None}
-        if len(gids) == 1:
-            env["NCCL_IB_GID_INDEX"] = str(gids.pop())
+def _rdma_env(host: Host, kind: NicKind) -> dict[str, str]:
+    ports = rdma_ports(host, kind)
+    env = {"NCCL_IB_HCA": "=" + ",".join(sorted(f"{n.rdma_device}:{n.rdma_port or 1}"
+                                                for n in ports))}
+    gids = {n.gid_index for n in ports} - {None}
+    if kind == NicKind.ROCE and len(gids) == 1:
+        env["NCCL_IB_GID_INDEX"] = str(gids.pop())
     return env
 
 
-def _per_host_or_common(variable: str, values: dict[str, str]) -> GroupEnv:
-    if len(set(values.values())) == 1:
-        return GroupEnv(common={variable: next(iter(values.values()))})
-    return GroupEnv(per_host={host: {variable: value} for host, value in values.items()})
+def _collapse(per_host: dict[str, dict[str, str]]) -> GroupEnv:
+    """Values every host shares go to `common`; the others stay per host."""
+    names = {name for env in per_host.values() for name in env}
+    common = {}
+    for name in sorted(names):
+        values = {env.get(name) for env in per_host.values()}
+        if len(values) == 1 and None not in values:
+            common[name] = values.pop()
+    rest = {host: {k: v for k, v in env.items() if k not in common}
+            for host, env in per_host.items()}
+    return GroupEnv(common=common, per_host={h: env for h, env in rest.items() if env})

@@ -74,7 +74,9 @@ def datacentre_layouts(
     still gives it that many stages (replicas may differ in width; a fabric too small for
     the depth sits the layout out).
     """
-    groupings = [("one pipeline over all fabrics", [fabrics])]
+    one = "one pipeline over all fabrics" if len(fabrics) > 1 else \
+        f"one pipeline over fabric {fabrics[0].name}"
+    groupings = [(one, [fabrics])]
     sites = sorted({f.site for f in fabrics if f.site is not None})
     if len(sites) > 1 and all(f.site is not None for f in fabrics):
         per_site = [[f for f in fabrics if f.site == s] for s in sites]

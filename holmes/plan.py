@@ -1,7 +1,9 @@
 """The Plan schema: plan.yaml, the file a person reviews before any GPU hour is spent.
 
 Stable keys (tools and people diff these files): `version`, `topology_sha256`, `model`,
-`sync`, `replicas`, `stages`, `paths`, `groups`, `diloco`, `launch`, `estimates`. The file
+`sync`, `replicas`, `stages`, `paths`, `groups`, `diloco`, `optimizer`, `launch`,
+`estimates`, and `nccl_net_selection`, `left_out`, `idle` (see `Group`, `LeftOutHost`,
+`IdleDevice`). The file
 starts with a comment that says the plan in words. Devices are named `host:device`
 (`a1:gpu0`); ranks follow `launch` (node by node, device by device). Layer ranges are
 half-open: `layers: [0, 4]` holds layers 0, 1, 2 and 3.
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
@@ -77,18 +80,37 @@ class MicrobatchPath(Strict):
 class Group(Strict):
     """A process group with its backend and the NCCL/gloo environment chosen for its NICs.
 
-    Kinds: `pipeline` (a replica's P2P traffic), `data` (a stage's data-parallel devices,
+    Kinds: `pipeline` (a replica's P2P traffic; a replica that spans fabrics may also have
+    one per RDMA fabric, for the hops inside it), `data` (a stage's data-parallel devices,
     always inside one fabric), `replica` (per-step all-reduce of one stage lane across
     replicas, which does cross clusters) and `diloco` (the same lane's outer sync).
+    `transport` is the network the group really runs on (`holmes.transports`);
+    `nccl_config` the `ncclConfig_t` fields it is created with (`net_name`).
     """
 
     name: Name
     kind: Literal["pipeline", "data", "replica", "diloco"]
     ranks: list[Rank] = Field(min_length=1, max_length=MAX_WORLD)
     backend: Literal["nccl", "gloo"]
+    transport: Literal["infiniband", "roce", "socket"] | None = None
+    nccl_config: dict[EnvName, EnvValue] = Field(default_factory=dict, max_length=64)
     env: dict[EnvName, EnvValue] = Field(default_factory=dict, max_length=256)
     env_per_host: dict[Name, dict[EnvName, EnvValue]] = Field(default_factory=dict,
                                                               max_length=MAX_HOSTS)
+
+
+class LeftOutHost(Strict):
+    """A host of the topology the plan does not consider, and why."""
+
+    host: Name
+    reason: Annotated[str, Field(max_length=4096)]
+
+
+class IdleDevice(Strict):
+    """A device of the topology no stage uses, and why."""
+
+    device: DeviceId
+    reason: Annotated[str, Field(max_length=4096)]
 
 
 class DilocoSettings(Strict):
@@ -110,6 +132,16 @@ class DilocoSettings(Strict):
             raise ValueError(f"overlap_steps: must be less than sync_every {self.sync_every}, "
                              f"got {self.overlap_steps}")
         return self
+
+
+class OptimizerSettings(Strict):
+    """How each device holds its stage's optimizer state: `sharding: zero1` splits it over
+    the stage's `data` group (ZeRO-1: 1/n of it per device, what `estimates.memory_gb`
+    counts), `none` keeps all of it on every device. A plan written before this key
+    existed loads as `none`: that is what its runs built (its memory figures assumed
+    ZeRO-1; plan again for figures that match)."""
+
+    sharding: Literal["zero1", "none"]
 
 
 class LaunchHost(Strict):
@@ -156,9 +188,14 @@ class Plan(Strict):
     paths: list[MicrobatchPath] = Field(min_length=1, max_length=MAX_MICROBATCHES)
     skipping: Skipping | None = None
     groups: list[Group] = Field(max_length=4 * MAX_WORLD)
+    nccl_net_selection: Literal["per-communicator", "per-process"] | None = None
     diloco: DilocoSettings | None = None
+    optimizer: OptimizerSettings = Field(
+        default_factory=lambda: OptimizerSettings(sharding="none"))
     launch: list[LaunchHost] = Field(min_length=1, max_length=MAX_HOSTS)
     estimates: Estimates
+    left_out: list[LeftOutHost] = Field(default_factory=list, max_length=MAX_HOSTS)
+    idle: list[IdleDevice] = Field(default_factory=list, max_length=MAX_WORLD)
     _stage_by_id: dict[int, Stage] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
@@ -304,28 +341,30 @@ class Plan(Strict):
                     raise ValueError(f"groups[{i}].ranks[{j}]: rank {rank} >= world {len(ranks)}")
             if len(set(group.ranks)) != len(group.ranks):
                 raise ValueError(f"groups[{i}].ranks: a rank is listed twice")
-            allowed, shape = shapes[group.kind]
-            if frozenset(device_of[r] for r in group.ranks) not in allowed:
+            fits, shape = shapes[group.kind]
+            if not fits(frozenset(device_of[r] for r in group.ranks)):
                 raise ValueError(f"groups[{i}].ranks: {shape}")
             for host in group.env_per_host:
                 if host not in hosts:
                     raise ValueError(f"groups[{i}].env_per_host: unknown host '{host}'")
 
-    def _group_shapes(self) -> dict[str, tuple[set[frozenset[str]], str]]:
-        """Per group kind: the device sets such a group may hold, and that rule in words."""
+    def _group_shapes(self) -> dict[str, tuple[Callable[[frozenset[str]], bool], str]]:
+        """Per group kind: whether a device set may be such a group, and the rule in words.
+        A pipeline group may be a part of its replica (the hops inside one fabric)."""
         replicas = [[self.stage(s).devices for s in r.stages] for r in self.replicas]
+        whole = [frozenset(d for stage in r for d in stage) for r in replicas]
+        stages = {frozenset(stage) for r in replicas for stage in r}
         lanes = {frozenset(r[s][j] for r in replicas) for s in range(len(replicas[0]))
                  for j in range(min(len(r[s]) for r in replicas))}
         lane_kind = "diloco" if self.sync == "diloco" else "replica"
         other_kind = "replica" if lane_kind == "diloco" else "diloco"
         return {
-            "pipeline": ({frozenset(d for stage in r for d in stage) for r in replicas},
-                         "a pipeline group holds exactly the devices of one replica"),
-            "data": ({frozenset(stage) for r in replicas for stage in r},
-                     "a data group holds exactly the devices of one stage"),
-            lane_kind: (lanes, f"a {lane_kind} group holds one device per replica, the "
-                        "same lane of the same stage in each"),
-            other_kind: (set(), f"a {other_kind} group does not fit sync: {self.sync}"),
+            "pipeline": (lambda m: any(m <= r for r in whole),
+                         "a pipeline group holds devices of one replica only"),
+            "data": (stages.__contains__, "a data group holds exactly the devices of one stage"),
+            lane_kind: (lanes.__contains__, f"a {lane_kind} group holds one device per "
+                        "replica, the same lane of the same stage in each"),
+            other_kind: (lambda m: False, f"a {other_kind} group does not fit sync: {self.sync}"),
         }
 
     def _check_device_maps(self) -> None:

@@ -1,15 +1,21 @@
 """Turning the planner's decision into a Plan (plan.yaml) and its summary in words.
 
 Ranks follow the `launch` section: hosts in topology order, devices in host order.
-Groups: one `pipeline` group per replica (its P2P traffic), one `data` group per stage
-with several devices, and one `diloco` (or `replica`, for per-step all-reduce) group per
-stage lane when there are several replicas. Each group carries the NCCL/gloo environment chosen for
-the NICs its hosts share (`holmes.nics`).
+Groups (`holmes.transports.layout_groups`): one `pipeline` group per replica (its P2P
+traffic, plus one per RDMA fabric for the hops inside it when NCCL picks its network per
+communicator), one `data` group per stage with several devices, and one `diloco` (or
+`replica`, for per-step all-reduce) group per stage lane when there are several replicas.
+Each group carries the transport it really runs on, the `ncclConfig_t` fields that ask
+NCCL for it, and the environment for its NICs (`holmes.nics`). Hosts left out and devices
+no stage uses are listed with the reason (`left_out`, `idle`).
 """
 
 from __future__ import annotations
 
-from holmes.estimate import Estimate
+from collections import Counter
+
+from holmes.estimate import Estimate, optimizer_shards
+from holmes.fabric import fabric_of_host
 from holmes.network import host_of
 from holmes.nics import group_env
 from holmes.plan import (
@@ -17,8 +23,11 @@ from holmes.plan import (
     DilocoSettings,
     Estimates,
     Group,
+    IdleDevice,
     LaunchHost,
+    LeftOutHost,
     MicrobatchPath,
+    OptimizerSettings,
     Plan,
     PlanModel,
     Replica,
@@ -26,7 +35,10 @@ from holmes.plan import (
     Stage,
 )
 from holmes.planner import Decision
+from holmes.transports import effective_transports, layout_groups, nccl_config
 from topology.schema import Topology
+
+IDLE_WARNING_FRACTION = 0.10
 
 RDZV_PORT = 29400
 
@@ -40,7 +52,7 @@ def build_plan(decision: Decision, topology_file: str | None = None,
     backend = "gloo" if any(_device_kind(topology, d) == "cpu" for d in ranks) else "nccl"
     return Plan(
         version=PLAN_VERSION,
-        topology_sha256=topology.sha256(),
+        topology_sha256=(decision.source or topology).sha256(),
         topology_file=topology_file,
         model=PlanModel(name=config.model.name, source=model_source, layers=config.model.layers,
                         hidden=config.model.hidden, seq_len=config.model.seq_len,
@@ -53,13 +65,17 @@ def build_plan(decision: Decision, topology_file: str | None = None,
                for routes in chosen.routes for r in routes],
         skipping=_skipping(decision),
         groups=_groups(decision, ranks, backend),
+        nccl_net_selection=ctx.selection if backend == "nccl" else None,
         diloco=_diloco(decision) if chosen.sync == "diloco" else None,
+        optimizer=OptimizerSettings(sharding=ctx.optimizer_sharding),
         launch=launch,
         estimates=Estimates(
             iteration_s=round(chosen.step_s, 6), tokens_per_s=round(chosen.tokens_per_s, 1),
             bytes_per_step={k: round(v) for k, v in sorted(chosen.bytes_per_step.items())},
             memory_gb=chosen.memory_gb, bubble_fraction=round(chosen.bubble_fraction, 4),
             sync_s_per_step=round(chosen.sync_s_per_step, 6)),
+        left_out=[LeftOutHost(host=h.host, reason=h.reason) for h in decision.left_out],
+        idle=idle_devices(decision),
     )
 
 
@@ -104,32 +120,55 @@ def _stages(chosen: Estimate) -> list[Stage]:
 
 
 def _groups(decision: Decision, ranks: dict[str, int], backend: str) -> list[Group]:
-    layout = decision.chosen.layout
+    ctx = decision.context
+    selection = ctx.selection if backend == "nccl" else "per-process"
+    members = layout_groups(decision.chosen.layout, decision.chosen.sync, decision.fabrics,
+                            fabric_pipelines=selection == "per-communicator")
+    transports = effective_transports({n: d for n, (_, d) in members.items()},
+                                      decision.fabrics, selection)
     groups = []
-    for r, replica in enumerate(layout.replicas):
-        groups.append(_group(decision, f"pipeline-r{r}", "pipeline",
-                             [d for stage in replica for d in stage], ranks, backend))
-        for s, stage in enumerate(replica):
-            if len(stage) > 1:
-                groups.append(_group(decision, f"data-r{r}-s{s}", "data", list(stage), ranks,
-                                     backend))
-    if len(layout.replicas) > 1:
-        kind = "diloco" if decision.chosen.sync == "diloco" else "replica"
-        for s in range(layout.stages):
-            lanes = min(len(replica[s]) for replica in layout.replicas)
-            for j in range(lanes):
-                members = [replica[s][j] for replica in layout.replicas]
-                groups.append(_group(decision, f"{kind}-s{s}-l{j}", kind, members, ranks,
-                                     backend))
+    for name, (kind, devices) in members.items():
+        transport = "socket" if backend == "gloo" else transports[name]
+        env = group_env(ctx.topology, [host_of(d) for d in devices], backend, transport,
+                        selection)
+        groups.append(Group(
+            name=name, kind=kind, ranks=sorted(ranks[d] for d in devices), backend=backend,
+            transport=transport,
+            nccl_config=nccl_config(transport, selection) if backend == "nccl" else {},
+            env=env.common, env_per_host=env.per_host))
     return groups
 
 
-def _group(decision: Decision, name: str, kind: str, devices: list[str], ranks: dict[str, int],
-           backend: str) -> Group:
-    ctx = decision.context
-    env = group_env(ctx.topology, decision.fabrics, [host_of(d) for d in devices], backend)
-    return Group(name=name, kind=kind, ranks=sorted(ranks[d] for d in devices), backend=backend,
-                 env=env.common, env_per_host=env.per_host)
+def idle_devices(decision: Decision) -> list[IdleDevice]:
+    """Every device of the given topology that no stage uses, with the reason."""
+    topology = decision.source or decision.context.topology
+    used = set(decision.chosen.layout.devices())
+    left = {h.host: h.reason for h in decision.left_out}
+    idle = []
+    for host in topology.hosts:
+        for device in host.devices:
+            name = f"{host.name}:{device.name}"
+            if name in used:
+                continue
+            reason = f"host left out: {left[host.name]}" if host.name in left \
+                else _idle_reason(decision, host.name)
+            idle.append(IdleDevice(device=name, reason=reason))
+    return idle
+
+
+def _idle_reason(decision: Decision, host: str) -> str:
+    fabric = fabric_of_host(decision.fabrics, host)
+    layout = decision.chosen.layout
+    devices = [f"{h}:{d.name}" for h in fabric.hosts
+               for d in decision.context.topology.host(h).devices]
+    stages = [stage for replica in layout.replicas for stage in replica
+              if host_of(stage[0]) in fabric.hosts]
+    if not stages:
+        return f"fabric {fabric.name} ({len(devices)} devices) holds no stage of the chosen " \
+               f"layout ({layout.description})"
+    widths = "/".join(str(w) for w in sorted({len(s) for s in stages}))
+    used = sum(len(s) for s in stages)
+    return f"fabric {fabric.name}: stages of {widths} devices use {used} of its {len(devices)}"
 
 
 def _skipping(decision: Decision) -> Skipping | None:
@@ -149,20 +188,24 @@ def _diloco(decision: Decision) -> DilocoSettings:
 
 
 def summary(decision: Decision, plan: Plan, topology_name: str) -> list[str]:
-    """The plan in words: the header comment of plan.yaml and what `plan` prints."""
+    """The plan in words: the header comment of plan.yaml and what `plan` prints. The
+    first line says so when more than IDLE_WARNING_FRACTION of the devices sit idle."""
     chosen, model = decision.chosen, plan.model
     layout = chosen.layout
+    fabrics = decision.fabrics
+    sizes = ", ".join(f"{f.name}: {_count(len(f.hosts), 'host')}" for f in fabrics)
     lines = [
         f"hetsched plan for {model.name} on {topology_name} "
-        f"(topology {plan.topology_sha256[:12]}).",
-        f"Regime: {decision.regime}; {len(decision.fabrics)} fabrics "
-        f"({', '.join(f'{f.name}: {len(f.hosts)} hosts' for f in decision.fabrics)}).",
+        f"(topology {plan.topology_sha256[:12]}).{idle_warning(plan)}",
+        f"Regime: {decision.regime}; {_count(len(fabrics), 'fabric')} ({sizes}).",
         f"Layout: {layout.description}; {len(layout.replicas)} replica(s) x "
         f"{layout.stages} stages, layers per stage {list(chosen.partition.layers)} "
         f"({chosen.partition.method}).",
     ]
     lines += _sync_lines(decision)
     lines += _skip_lines(decision)
+    lines.append(_optimizer_line(decision))
+    lines += transport_lines(plan, decision.selection_detail)
     per_class = ", ".join(f"{k} {v / 1e9:.3g} GB"
                           for k, v in sorted(chosen.bytes_per_step.items())) or "none"
     lines.append(f"Estimated: {chosen.step_s:.4g} s/iteration, {chosen.tokens_per_s:,.0f} "
@@ -172,7 +215,72 @@ def summary(decision: Decision, plan: Plan, topology_name: str) -> list[str]:
                      "their fabric or Ethernet NIC speed was assumed.")
     if decision.rejected:
         lines.append(f"{len(decision.rejected)} layouts did not fit in memory.")
+    lines += left_out_lines(plan) + idle_lines(plan)
     return lines
+
+
+def _optimizer_line(decision: Decision) -> str:
+    """How the optimizer state is held, and the memory that follows from it."""
+    chosen, ctx = decision.chosen, decision.context
+    memory = chosen.memory_gb
+    peak = max(memory, key=memory.get) if memory else None
+    at_peak = f"; peak {memory[peak]:.3g} GB per device ({peak})" if peak else ""
+    if ctx.optimizer_sharding == "none":
+        return f"Optimizer state: not sharded, whole on every device{at_peak}."
+    widths = [optimizer_shards(chosen.layout, s, ctx) for s in range(chosen.layout.stages)]
+    split = "/".join(str(w) for w in widths) if len(set(widths)) > 1 else str(widths[0])
+    return (f"Optimizer state: ZeRO-1, split over each stage's data-parallel devices "
+            f"({split} per stage){at_peak}.")
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def idle_share(plan: Plan) -> tuple[int, int]:
+    """(idle devices, all devices of the topology), those of left-out hosts included."""
+    return len(plan.idle), sum(len(s.devices) for s in plan.stages) + len(plan.idle)
+
+
+def idle_warning(plan: Plan) -> str:
+    """A sentence for the plan's first line when too many devices sit idle, else ''."""
+    idle, total = idle_share(plan)
+    if total == 0 or idle / total <= IDLE_WARNING_FRACTION:
+        return ""
+    return f" WARNING: {idle} of {total} devices ({idle / total:.0%}) sit idle (see idle)."
+
+
+def left_out_lines(plan: Plan) -> list[str]:
+    if not plan.left_out:
+        return []
+    hosts = "; ".join(f"{h.host}: {h.reason}" for h in plan.left_out[:5])
+    more = f"; and {len(plan.left_out) - 5} more" if len(plan.left_out) > 5 else ""
+    return [f"Left out: {_count(len(plan.left_out), 'host')} ({hosts}{more})."]
+
+
+def idle_lines(plan: Plan) -> list[str]:
+    """Idle devices grouped by reason (every device is listed under `idle`)."""
+    if not plan.idle:
+        return []
+    idle, total = idle_share(plan)
+    reasons = Counter(d.reason for d in plan.idle)
+    parts = [f"{n} x {reason}" for reason, n in reasons.most_common(4)]
+    if len(reasons) > 4:
+        parts.append(f"{len(reasons) - 4} more reasons")
+    return [f"Idle: {idle} of {total} devices: {'; '.join(parts)}."]
+
+
+def transport_lines(plan: Plan, detail: str) -> list[str]:
+    """Which network the NCCL groups run on, and how it is chosen."""
+    if plan.nccl_net_selection is None:
+        return []
+    counts = Counter(g.transport for g in plan.groups if g.transport is not None)
+    spread = ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))
+    how = ("each NCCL group is created with its own ncclConfig_t net_name"
+           if plan.nccl_net_selection == "per-communicator" else
+           "NCCL_NET holds for every group of a process, so a process in any socket group "
+           "runs all its groups on sockets")
+    return [f"NCCL network {plan.nccl_net_selection} ({detail}): {how}; groups: {spread}."]
 
 
 def _skip_lines(decision: Decision) -> list[str]:
@@ -191,9 +299,17 @@ def _skip_lines(decision: Decision) -> list[str]:
 
 def _sync_lines(decision: Decision) -> list[str]:
     chosen = decision.chosen
+    used = {fabric_of_host(decision.fabrics, host_of(d)).name for d in chosen.layout.devices()}
     if len(chosen.layout.replicas) == 1:
-        return ["One replica: data-parallel groups stay inside their fabric; only pipeline "
-                "traffic crosses fabrics."]
+        if len(used) == 1:
+            return [f"One replica inside fabric {used.pop()}: all its traffic stays there."]
+        spanning = sum(len({fabric_of_host(decision.fabrics, host_of(d)).name
+                            for d in stage}) > 1 for stage in chosen.layout.replicas[0])
+        if spanning:
+            return [f"One replica over {len(used)} fabrics; {_count(spanning, 'stage')} "
+                    "span fabrics, so their data-parallel all-reduce crosses fabrics too."]
+        return [f"One replica over {len(used)} fabrics: data-parallel groups stay inside "
+                "their fabric; only pipeline traffic crosses fabrics."]
     alternatives = {e.sync: e for e in decision.candidates if e.layout == chosen.layout}
     parts = [f"{sync} {e.step_s:.4g} s/step" for sync, e in sorted(alternatives.items())]
     return [f"Sync between replicas: {chosen.sync} ({'; '.join(parts)})."]

@@ -6,7 +6,13 @@ layouts; split the layers of each with the ILP; simulate it with each way to syn
 replicas; keep the fastest. Per-step all-reduce between replicas is kept where it costs
 at most ALLREDUCE_TOLERANCE more than streaming DiLoCo (DiLoCo changes the optimiser, so
 it must earn its place); the user can force either. `naive_estimate` is the
-Megatron-style baseline the benchmarks compare with.
+Megatron-style baseline the benchmarks compare with (`naive_like_estimate` the same rank
+order with the plan's replicas and sync, to tell placement from sync gains).
+
+Hosts that cannot or should not take part (unreachable, no devices, CPU-only in a GPU
+job) are left out first (`holmes.hosts`), and links are estimated on the NCCL network
+selection the plan will run with (`holmes.transports`: auto = what the installed torch
+offers).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from holmes.estimate import (
     partition_for,
 )
 from holmes.fabric import Fabric, find_fabrics
+from holmes.hosts import LeftOut, left_out_hosts, without_hosts
 from holmes.model import ModelConfig
 from holmes.network import Network
 from holmes.placement import (
@@ -35,6 +42,7 @@ from holmes.placement import (
     naive_layout,
 )
 from holmes.skipping import SkipChoice, skip_estimate
+from holmes.transports import Selection, choose_selection
 from topology.errors import InputError
 from topology.schema import Topology
 
@@ -43,6 +51,8 @@ REFINE_BUDGET = 96_000
 MIN_REFINE_ROUNDS = 10
 Regime = Literal["auto", "datacentre", "geo"]
 Sync = Literal["auto", "allreduce", "diloco"]
+OptimizerSharding = Literal["zero1", "none"]
+NcclNet = Literal["auto", "per-communicator", "per-process"]
 
 
 @dataclass(frozen=True)
@@ -54,11 +64,17 @@ class PlanOptions:
     refine_rounds: int = 200
     diloco: DilocoChoice = field(default_factory=DilocoChoice)
     skip: SkipChoice | None = None
+    optimizer_sharding: OptimizerSharding = "zero1"  # ZeRO-1 over each stage's data group
+    nccl_net: NcclNet = "auto"
+    include_cpu_hosts: bool = False
 
 
 @dataclass
 class Decision:
-    """The chosen estimate, the runners-up, and what could not be planned and why."""
+    """The chosen estimate, the runners-up, and what could not be planned and why.
+
+    `context.topology` is the topology planned on (without the `left_out` hosts);
+    `source` is the one given (its sha256 goes into the plan)."""
 
     chosen: Estimate
     candidates: list[Estimate]
@@ -68,12 +84,22 @@ class Decision:
     rejected: list[str] = field(default_factory=list)
     full_pipeline: Estimate | None = None  # the chosen layout without skipping
     skip: SkipChoice | None = None
+    left_out: list[LeftOut] = field(default_factory=list)
+    source: Topology | None = None
+    selection_detail: str = ""
 
 
 def decide(topology: Topology, config: ModelConfig, options: PlanOptions) -> Decision:
+    left_out = left_out_hosts(topology, options.include_cpu_hosts)
+    if len(left_out) == len(topology.hosts):
+        reasons = "; ".join(f"{h.host}: {h.reason}" for h in left_out[:3])
+        raise InputError(f"no host can take part ({reasons})", field="hosts")
+    source, topology = topology, without_hosts(topology, [h.host for h in left_out])
     fabrics = find_fabrics(topology)
     _require_devices(topology, config)
-    context = Context(topology, fabrics, Network(topology, fabrics), config, options.diloco)
+    selection, detail = _selection(topology, fabrics, options.nccl_net)
+    context = Context(topology, fabrics, Network(topology, fabrics), config, options.diloco,
+                      selection, options.optimizer_sharding)
     regime = _regime(fabrics, options.regime)
     layouts = _layouts(regime, context, options)
     layouts = [lay for lay in layouts if lay.stages <= config.model.layers] or layouts
@@ -95,8 +121,21 @@ def decide(topology: Topology, config: ModelConfig, options: PlanOptions) -> Dec
         # The deepest pipeline spreads the model thinnest: its shortfall is the one to show.
         raise max(errors, key=lambda e: e[0])[1] if errors else InputError("no layout fits")
     chosen = _best(candidates, options.sync)
-    decision = Decision(chosen, candidates, regime, fabrics, context, rejected)
+    decision = Decision(chosen, candidates, regime, fabrics, context, rejected,
+                        left_out=left_out, source=source, selection_detail=detail)
     return _with_skipping(decision, options.skip) if options.skip else decision
+
+
+def _selection(topology: Topology, fabrics: list[Fabric], wanted: NcclNet
+               ) -> tuple[Selection, str]:
+    """The NCCL network selection. Only GPUs use NCCL; and where every group must run on
+    the same network (no RDMA fabric, or a single fabric) NCCL_NET per process is exact
+    and needs nothing of torch, so `auto` looks torch up only when groups can differ."""
+    if not any(d.kind == "gpu" for h in topology.hosts for d in h.devices):
+        return "per-communicator", "no GPUs: gloo"
+    if wanted == "auto" and (len(fabrics) == 1 or not any(f.rdma for f in fabrics)):
+        return "per-process", "every group runs on the same network"
+    return choose_selection(wanted)
 
 
 def _with_skipping(decision: Decision, choice: SkipChoice) -> Decision:
@@ -209,22 +248,40 @@ def _best(candidates: list[Estimate], wanted: Sync) -> Estimate:
 
 
 def naive_estimate(topology: Topology, config: ModelConfig, like: Estimate) -> Estimate:
-    """Megatron-style baseline on as many devices as `like` uses, with its depth and
-    replica count: ranks in host order, pipeline outermost, equal layers, equal
-    data-parallel width, every link over Ethernet sockets (NIC kinds ignored)."""
+    """What one would run without hetsched: Megatron's rank order on as many devices as
+    `like` uses, with its pipeline depth, one pipeline whose data-parallel groups take
+    devices / depth consecutive ranks, per-step all-reduce inside them, equal layers and
+    NCCL's own transport (see `naive_shape_estimate`)."""
+    stages = like.layout.stages
+    return naive_shape_estimate(topology, config, stages,
+                                max(1, len(like.layout.devices()) // stages))
+
+
+def naive_like_estimate(topology: Topology, config: ModelConfig, like: Estimate,
+                        diloco: DilocoChoice | None = None) -> Estimate:
+    """The naive rank order cut into `like`'s replicas and synced like it: the plan and
+    this differ only in placement and layer split (with one replica it is
+    `naive_estimate`). `naive_estimate` / this is what the replicas and their sync gain."""
     replicas, stages = len(like.layout.replicas), like.layout.stages
     dp = max(1, len(like.layout.devices()) // (stages * replicas))
-    return naive_shape_estimate(topology, config, stages, dp, replicas)
+    return naive_shape_estimate(topology, config, stages, dp, replicas, like.sync, diloco)
 
 
 def naive_shape_estimate(topology: Topology, config: ModelConfig, stages: int, dp: int,
-                         replicas: int = 1) -> Estimate:
-    """The naive placement (see `naive_estimate`) of `replicas` x `stages` x `dp` devices.
-    With one replica this is exactly Megatron's rank order for pipeline depth `stages`."""
+                         replicas: int = 1, sync: str = "allreduce",
+                         diloco: DilocoChoice | None = None) -> Estimate:
+    """The naive placement of `replicas` x `stages` x `dp` devices. With one replica this
+    is exactly Megatron's rank order for pipeline depth `stages`. Its links run where NCCL
+    would put them by itself: RDMA between hosts of one RDMA fabric, sockets otherwise
+    (per hop for the pipeline, which is generous: Megatron's pipeline group spanning
+    fabrics would run all its hops on one network). With several replicas it syncs them
+    by `sync` (the plan's), so only placement and layer split differ from the plan.
+    `topology` is the one the plan was made on (without its left-out hosts)."""
     fabrics = find_fabrics(topology)
-    network = Network(topology, fabrics, socket_only=True)
-    context = Context(topology, fabrics, network, config)
+    network = Network(topology, fabrics)
+    context = Context(topology, fabrics, network, config, diloco or DilocoChoice(),
+                      "per-communicator")
     layout = naive_layout(topology, stages, dp, replicas)
     partition = partition_for(layout, context, equal=True)
-    sync = "allreduce" if replicas > 1 else "none"
+    sync = (sync if sync != "none" else "allreduce") if replicas > 1 else "none"
     return estimate(layout, partition, context, sync)

@@ -1,11 +1,12 @@
 """Reading a plan back with the topology and model it was made for, and re-estimating it.
 
-`show`, `simulate` and `launch` use this: the plan names its topology file and its model
-source (a preset, or a model.yaml relative to the plan's folder). The topology's sha256
-must match the one in the plan and hold every device of the plan; the model source must
-still describe the plan's `model` section (layers, widths, batch sizes, dtype). Either
-mismatch is one clear refusal naming the field. The plan's own stages, layers and
-routes are simulated as written.
+`show`, `simulate` and `launch` use this: the plan names its topology file and model
+source (a preset, or a file relative to the plan file, so it can be reviewed from any
+directory). The topology's sha256 must match the one in the plan and hold every device
+of the plan; the model source must still describe the plan's `model` section (layers,
+widths, batch sizes, dtype). Either mismatch is one clear refusal naming the field. The
+plan's own stages, layers and routes are simulated as written, on the hosts it planned
+with (without its `left_out` hosts) and with the NCCL network selection it was made for.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from pathlib import Path
 
 from holmes.estimate import Context, DilocoChoice, Estimate, estimate
 from holmes.fabric import find_fabrics
-from holmes.model import ModelConfig, load_model, looks_like_path
+from holmes.hosts import without_hosts
+from holmes.model import ModelConfig, list_presets, load_model
 from holmes.network import Network
 from holmes.partition import Partition
 from holmes.placement import Layout
@@ -50,9 +52,9 @@ def _check_devices(plan: Plan, plan_path: Path, topology: Topology, topology_pat
                                  f"{topology_path}", plan_path, f"launch[{i}].devices[{j}]")
 
 
-def plan_model(plan: Plan, plan_path: Path, model: str | None = None) -> ModelConfig:
-    """The model to simulate the plan with: `model` (--model) if given, else the plan's
-    source; either must match the plan's `model` section."""
+def plan_model(plan: Plan, model: str | None, plan_path: Path) -> ModelConfig:
+    """`model` (a preset or a path as typed), else the plan's model source; either must
+    match the plan's `model` section."""
     if model is not None:
         config = load_model(model)
         check_model_matches(plan, plan_path, config, model, "--model")
@@ -64,9 +66,9 @@ def plan_model(plan: Plan, plan_path: Path, model: str | None = None) -> ModelCo
 
 
 def model_source(plan: Plan, plan_path: Path) -> str | Path:
-    """The plan's model: a preset name, or its model.yaml resolved from the plan's folder."""
+    """The plan's model: a preset name, or its file resolved from the plan's folder."""
     source = plan.model.source or plan.model.name
-    if not looks_like_path(source) and not (plan_path.parent / source).is_file():
+    if source in list_presets():
         return source
     path = Path(source)
     return path if path.is_absolute() else plan_path.parent / path
@@ -96,6 +98,19 @@ def check_model_matches(plan: Plan, plan_path: Path, config: ModelConfig, source
                              "was made for)", plan_path, field)
 
 
+def planned_topology(plan: Plan, topology: Topology) -> Topology:
+    """The topology the plan was planned on: the given one without its left-out hosts."""
+    return without_hosts(topology, [h.host for h in plan.left_out])
+
+
+def plan_diloco(plan: Plan) -> DilocoChoice:
+    d = plan.diloco
+    if d is None:
+        return DilocoChoice()
+    return DilocoChoice(d.sync_every, d.fragments, d.pattern, d.overlap_steps, d.alpha,
+                        d.quantization)
+
+
 def layout_of(plan: Plan) -> Layout:
     replicas = tuple(tuple(tuple(plan.stage(s).devices) for s in replica.stages)
                      for replica in plan.replicas)
@@ -123,12 +138,10 @@ def estimate_plan(plan: Plan, topology: Topology, config: ModelConfig,
                   full_routes: bool = False) -> Estimate:
     """Simulate the plan as written; with `full_routes`, the same placement, layers and
     memory caps with every microbatch through every stage (the skipping baseline)."""
+    topology = planned_topology(plan, topology)
     fabrics = find_fabrics(topology)
-    ctx = Context(topology, fabrics, Network(topology, fabrics), config)
-    if plan.diloco is not None:
-        d = plan.diloco
-        ctx.diloco = DilocoChoice(d.sync_every, d.fragments, d.pattern, d.overlap_steps,
-                                  d.alpha, d.quantization)
+    ctx = Context(topology, fabrics, Network(topology, fabrics), config, plan_diloco(plan),
+                  plan.nccl_net_selection or "per-communicator", plan.optimizer.sharding)
     sync = "diloco" if plan.sync == "diloco" else ("allreduce" if len(plan.replicas) > 1
                                                    else "none")
     in_flight = plan.skipping.in_flight if plan.skipping is not None else None

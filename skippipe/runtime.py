@@ -53,6 +53,9 @@ message has a distinct tag per (microbatch, direction); in addition a receiver t
 the messages of each sender in the order the sender sends them (stashing early ones),
 so matching also holds on backends that ignore tags (NCCL). Each loss is scaled by
 ``1 / len(routes)``, so the gradients are those of the mean loss over the iteration.
+A hop's messages go over the process group ``p2p_group(src, dst)`` gives (the default
+group when none is given or it returns None), so a caller can put each hop on a
+communicator of its own network; a pair always uses one group, which keeps its order.
 P2P between ranks is tested on gloo only; on CUDA with NCCL only a one-rank plan has run
 (the GPU machine lent for checks had one GPU). NCCL runs a pair's sends and receives in
 order on one stream, so two nodes that both send large messages to each other before
@@ -71,7 +74,7 @@ Public names: ``SkippableModel``, ``forward_route``, ``Task``, ``Message``,
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple, Protocol
 
@@ -91,6 +94,7 @@ __all__ = [
 ]
 
 TaskKind = Literal["forward", "loss", "backward"]
+P2PGroup = Callable[[str, str], "dist.ProcessGroup | None"]
 MessageKind = Literal["activation", "gradient"]
 _TAG_OFFSET: dict[MessageKind, int] = {"activation": 0, "gradient": 1}
 
@@ -301,8 +305,10 @@ class _Inbox:
         shape: tuple[int, ...],
         dtype: torch.dtype,
         device: torch.device,
+        groups: Mapping[int, dist.ProcessGroup | None],
     ) -> None:
         self._pending = {src: deque(messages) for src, messages in expected.items()}
+        self._groups = groups
         self._stash: dict[tuple[int, str], Tensor] = {}
         self._shape, self._dtype, self._device = shape, dtype, device
 
@@ -314,7 +320,7 @@ class _Inbox:
         while pending:
             message = pending.popleft()
             buffer = torch.empty(self._shape, dtype=self._dtype, device=self._device)
-            dist.recv(buffer, src=src_rank, tag=message.tag)
+            dist.recv(buffer, src=src_rank, group=self._groups.get(src_rank), tag=message.tag)
             if (message.microbatch, message.kind) == key:
                 return buffer
             self._stash[(message.microbatch, message.kind)] = buffer
@@ -357,6 +363,7 @@ class PipelineRuntime:
     ``stage_group`` is the group that sums this stage's gradients; by default the
     constructor makes one per stage, which needs every rank of the world to be in the
     schedule (a caller with several pipelines creates the groups itself and passes it).
+    ``p2p_group(src, dst)`` names the group a hop's messages use (default: the world).
     """
 
     def __init__(
@@ -370,6 +377,7 @@ class PipelineRuntime:
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         stage_group: dist.ProcessGroup | None | Literal["create"] = "create",
+        p2p_group: P2PGroup | None = None,
     ) -> None:
         if sync not in ("stage", "none"):
             raise ValueError(f"sync must be 'stage' or 'none', got {sync!r}")
@@ -393,6 +401,11 @@ class PipelineRuntime:
         self._routes = {r.microbatch: r for r in schedule.routes}
         self._tasks = schedule.tasks[self.node]
         self._expected = self._expected_messages()
+        group_of = p2p_group or (lambda src, dst: None)
+        node_of = {r: node for node, r in schedule.ranks.items()}
+        self._recv_groups = {rank: group_of(node_of[rank], self.node) for rank in self._expected}
+        self._send_groups = {m.dst: group_of(self.node, m.dst)
+                             for m in schedule.messages_from(self.node)}
         self._stage_group = (_stage_groups(schedule)[self.stage] if stage_group == "create"
                              else stage_group)
 
@@ -424,7 +437,8 @@ class PipelineRuntime:
                 f"rank {self.rank} needs batches for microbatches {mine}, got {sorted(batches)}"
             )
         on_device = {mb: (x.to(self.device), y.to(self.device)) for mb, (x, y) in batches.items()}
-        inbox = _Inbox(self._expected, self.activation_shape, self.dtype, self.device)
+        inbox = _Inbox(self._expected, self.activation_shape, self.dtype, self.device,
+                       self._recv_groups)
         state = _Iteration(on_device, inbox)
         for task in self._tasks:
             if task.kind == "forward":
@@ -496,7 +510,8 @@ class PipelineRuntime:
             return
         payload = tensor.contiguous()
         dst_rank = self.schedule.ranks[dst]
-        work = dist.isend(payload, dst=dst_rank, tag=Message(self.node, dst, mb, kind).tag)
+        work = dist.isend(payload, dst=dst_rank, group=self._send_groups.get(dst),
+                          tag=Message(self.node, dst, mb, kind).tag)
         state.sends.append((work, payload))
         nbytes = payload.numel() * payload.element_size()
         self.bytes_sent[dst_rank] = self.bytes_sent.get(dst_rank, 0) + nbytes

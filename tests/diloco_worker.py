@@ -3,7 +3,9 @@
     python tests/diloco_worker.py SPEC.json RANK
 
 SPEC holds the world size, a loopback port, the output directory and a list of tasks:
-"average" (check `average_across_replicas` against an exact mean, per codec) and "train"
+"average" (check `average_across_replicas` against an exact mean, per codec), "weighted"
+(one plain exchange of replicas that moved by rank + 1, each with its `weights` entry;
+reports how far the new global parameters are from the weighted mean) and "train"
 (a toy model under `DiLoCo`, recording hashes of the global and local parameters after
 each merge, optionally saving or resuming a checkpoint, optionally killing or hanging one
 replica). Results go to OUT/rank{RANK}.json. Real gloo over 127.0.0.1, no mocks.
@@ -91,6 +93,22 @@ def run_average(spec: dict, rank: int, world: int) -> dict:
             "received": record.received,
         }
     return out
+
+
+def run_weighted(spec: dict, rank: int) -> dict:
+    model = ToyNet()
+    diloco = DiLoCo(model, None, sync_every=1, alpha=0.0, outer_lr=1.0, outer_momentum=0.0,
+                    quantization=spec.get("quantization"), weight=spec["weights"][rank])
+    start = diloco.global_parameters()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(rank + 1.0)
+    diloco.step()
+    moved = sum(w * (r + 1.0) for r, w in enumerate(spec["weights"]))
+    error = max(float((value - start[name] - moved).abs().max())
+                for name, value in diloco.global_parameters().items())
+    diloco.close()
+    return {"max_abs_error": error, "moved": moved}
 
 
 def run_train(spec: dict, rank: int, world: int, out_dir: Path) -> dict:
@@ -194,6 +212,8 @@ def main() -> None:
         for task in spec["tasks"]:
             if task["kind"] == "average":
                 results["average"] = run_average(task, rank, world)
+            elif task["kind"] == "weighted":
+                results[task["name"]] = run_weighted(task, rank)
             else:
                 results[task.get("name", "train")] = run_train(task, rank, world, out_dir)
     except Exception:
@@ -204,6 +224,11 @@ def main() -> None:
     )
     if not failed:
         exit_job()  # without the interpreter's exit, where gloo's threads may abort it
+    # A peer is dead or hung: no barrier to leave together, but still no interpreter exit,
+    # whose gloo threads can abort a process that reported its failure (SIGABRT).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -96,3 +97,94 @@ def test_bad_plan_file(tmp_path: Path) -> None:
     bad.write_text("version: 1\nsync: sometimes\n")
     done = hetsched("show", str(bad))
     assert done.returncode == 2 and done.stderr.startswith(f"error: {bad}: ")
+
+
+EXAMPLES = EXAMPLE.parent.parent
+
+
+def two_unequal_gpus(small_gb: float) -> dict[str, object]:
+    """An 80 GB GPU host and a small one: the layer ILP fits gpt-1.3b, an equal split not."""
+    def host(name: str, memory: float, tflops: float) -> dict[str, object]:
+        return {"name": name, "site": "s", "cpu_cores": 8, "memory_gb": 64,
+                "devices": [{"name": "gpu0", "kind": "gpu", "memory_gb": memory,
+                             "tflops": tflops}],
+                "nics": [{"name": "eth0", "kind": "ethernet", "speed_gbps": 25, "state": "up",
+                          "netdev": "eth0"}]}
+    return {"version": 1, "sites": [{"name": "s"}],
+            "hosts": [host("big", 80, 150), host("small", small_gb, 60)]}
+
+
+def test_simulate_says_why_the_naive_has_no_row(tmp_path: Path) -> None:
+    topology = tmp_path / "topology.yaml"
+    topology.write_text(yaml.safe_dump(two_unequal_gpus(16)))
+    plan = tmp_path / "plan.yaml"
+    done = hetsched("plan", str(topology), "-m", "gpt-1.3b", "--stages", "2", "-o", str(plan))
+    assert done.returncode == 0, done.stderr
+    shown = hetsched("simulate", str(plan), "--baseline", "naive")
+    assert shown.returncode == 0, shown.stderr
+    assert "plan" in shown.stdout
+    assert "naive: none: gpt-1.3b split equally does not fit: stage 1 (device small:gpu0)" \
+        in " ".join(shown.stdout.split())
+    figures = json.loads(hetsched("simulate", str(plan), "--baseline", "naive", "--json").stdout)
+    assert figures["plan"]["tokens_per_s"] > 0 and "does not fit" in figures["naive"]["none"]
+
+
+def test_show_and_simulate_work_from_any_directory(tmp_path: Path) -> None:
+    (tmp_path / "inputs").mkdir()
+    (tmp_path / "plans").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "inputs" / "topology.yaml").write_text(EXAMPLE.read_text())
+    model = {"version": 1,
+             "model": {"name": "my-gpt", "arch": "gpt", "layers": 8, "hidden": 1024,
+                       "heads": 16, "ffn": 4096, "vocab": 32000, "seq_len": 1024},
+             "training": {"global_batch": 64, "microbatch": 2, "steps": 10}}
+    (tmp_path / "inputs" / "model.yaml").write_text(yaml.safe_dump(model))
+    done = subprocess.run([sys.executable, "-m", "cli", "plan", "inputs/topology.yaml", "-m",
+                           "inputs/model.yaml", "-o", "plans/plan.yaml"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=180, env=_env())
+    assert done.returncode == 0, done.stderr
+    data = yaml.safe_load((tmp_path / "plans" / "plan.yaml").read_text())
+    assert data["topology_file"] == "../inputs/topology.yaml"
+    assert data["model"]["source"] == "../inputs/model.yaml"
+    for command in (["show", "../plans/plan.yaml"],
+                    ["simulate", "../plans/plan.yaml", "--baseline", "naive"]):
+        run = subprocess.run([sys.executable, "-m", "cli", *command], cwd=tmp_path / "elsewhere",
+                             capture_output=True, text=True, timeout=180, env=_env())
+        assert run.returncode == 0, run.stderr
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(EXAMPLES.parent)}
+
+
+def test_idle_devices_are_listed_and_tables_say_what_they_leave_out(tmp_path: Path) -> None:
+    # gpt-1.3b's 128 microbatches fill 128 of the 320 GPUs: the rest sit idle.
+    plan = tmp_path / "plan.yaml"
+    done = hetsched("plan", str(EXAMPLES / "holmes-three-fabrics" / "topology.yaml"), "-m",
+                    "gpt-1.3b", "--nccl-net", "per-communicator", "-o", str(plan), "--json")
+    assert done.returncode == 0, done.stderr
+    first = plan.read_text().splitlines()[0]
+    assert "WARNING: 192 of 320 devices (60%) sit idle" in first
+    idle = json.loads(done.stdout)["idle"]
+    assert len(idle) == 192 and all(entry["reason"] for entry in idle)
+    assert any("holds no stage of the chosen layout" in entry["reason"] for entry in idle)
+    assert "Idle: 192 of 320 devices" in done.stderr
+    shown = hetsched("show", str(plan))
+    assert shown.returncode == 0, shown.stderr
+    text = " ".join(shown.stdout.split())
+    assert "idle devices (192)" in text and "160 more" in text  # 32 rows shown
+    assert "96 more" in text  # the memory table: 128 devices, 32 shown
+
+
+def test_one_fabric_plan_reads_right_and_matches_the_naive(tmp_path: Path) -> None:
+    plan = tmp_path / "plan.yaml"
+    done = hetsched("plan", str(EXAMPLES / "one-ib-fabric" / "topology.yaml"), "-m", "gpt-1.3b",
+                    "-o", str(plan))
+    assert done.returncode == 0, done.stderr
+    header = [line for line in plan.read_text().splitlines() if line.startswith("#")]
+    assert "WARNING" not in header[0] and yaml.safe_load(plan.read_text())["idle"] == []
+    assert "1 fabric (dc-infiniband: 16 hosts)" in header[1]
+    assert "one pipeline over fabric dc-infiniband" in header[2]
+    assert not any("1 fabrics" in line or "all fabrics" in line for line in header)
+    figures = json.loads(hetsched("simulate", str(plan), "--baseline", "naive", "--json").stdout)
+    assert figures["naive"]["tokens_per_s"] == pytest.approx(figures["plan"]["tokens_per_s"])

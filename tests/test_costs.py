@@ -213,3 +213,13 @@ def test_llama_70b_needs_about_a_terabyte_of_training_state() -> None:
     logits = 4 * 4096 * 32000  # fp32 logits of the one microbatch at the loss
     assert state == 16 * costs.total_params(m) + logits  # untied: all of it is the total
     assert 1.1e12 < state < 1.12e12
+
+
+def test_a_stage_with_both_ends_of_a_tied_model_holds_one_copy() -> None:
+    m = load_model("tiny-gpt").model
+    assert m.tie_embeddings
+    whole = costs.stage_memory(m, layers=m.layers, microbatch=1, in_flight=0,
+                               holds_embedding=True, holds_head=True)
+    assert whole.weights == 4 * costs.total_params(m)  # fp32: the model, counted once
+    last = costs.stage_memory(m, layers=1, microbatch=1, in_flight=0, holds_head=True)
+    assert last.weights == 4 * (costs.layer_params(m) + costs.head_params(m))  # its own copy

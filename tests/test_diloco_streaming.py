@@ -108,3 +108,15 @@ def test_bytes_are_counted_from_the_payloads_handed_over(two: list) -> None:
     average = two[0]["average"]
     assert average["None"]["sent"] == average["None"]["received"] == 4 * 1000  # all_reduce
     assert average["fp4"]["sent"] * 4 < average["None"]["sent"]  # 4.5-bit vs 32-bit payloads
+
+
+def test_weighted_replicas_average_to_the_weighted_mean(tmp_path: Path) -> None:
+    # replicas moved every parameter by 1 and 2; weights 0.75 / 0.25 -> the global moves
+    # by 1.25 (the plain mean would be 1.5); int8 is off by its bf16 block scale (2^-8)
+    tasks = [{"kind": "weighted", "name": str(q), "weights": [0.75, 0.25], "quantization": q}
+             for q in (None, "int8")]
+    results, codes = launch(tasks, 2, tmp_path)
+    assert codes == [0, 0] and all("error" not in r for r in results), results
+    for rank in results:
+        assert rank["None"]["max_abs_error"] < 1e-5, rank
+        assert rank["int8"]["max_abs_error"] < 1.5 * 2**-7, rank

@@ -1,4 +1,5 @@
-"""holmes.fabric, holmes.network and holmes.nics on small hand-built topologies."""
+"""holmes.fabric and holmes.network on small hand-built topologies (fixtures shared with
+test_nics.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import pytest
 
 from holmes.fabric import find_fabrics
 from holmes.network import INTRA_HOST_GBPS, Network
-from holmes.nics import group_env
 from topology.errors import InputError
 from topology.schema import Topology
 
@@ -64,7 +64,8 @@ def test_network_uses_links_then_fabric_then_ethernet(mixed: Topology) -> None:
     assert network.host_link("ib1", "ib2")[1] == 200
     assert network.host_link("ib1", "ro1")[1] == 25
     assert network.device_link("ib1:gpu0", "ib1:gpu1")[1] == INTRA_HOST_GBPS
-    assert Network(mixed, find_fabrics(mixed), socket_only=True).host_link("ib1", "ib2")[1] == 25
+    assert network.host_link("ib1", "ib2", socket=True)[1] == 25
+    assert network.host_link("ib1", "ib2")[1] == 200
 
 
 def test_unreachable_pair_is_an_input_error() -> None:
@@ -72,26 +73,3 @@ def test_unreachable_pair_is_an_input_error() -> None:
     t = topology([host("a1", "s1", ETH), host("b1", "s2", ETH)], [cut])
     with pytest.raises(InputError, match="a1 and b1 cannot reach each other: firewall"):
         Network(t, find_fabrics(t)).host_link("a1", "b1")
-
-
-def test_one_fabric_group_gets_its_hcas(mixed: Topology) -> None:
-    fabrics = find_fabrics(mixed)
-    env = group_env(mixed, fabrics, ["ib1", "ib2"], "nccl")
-    assert env.common == {"NCCL_IB_HCA": "=mlx5_0:1", "NCCL_SOCKET_IFNAME": "=eth0"}
-    roce = group_env(mixed, fabrics, ["ro1", "ro2"], "nccl")
-    assert roce.common["NCCL_IB_GID_INDEX"] == "3"
-    assert roce.common["NCCL_IB_HCA"] == "=mlx5_2:1"
-
-
-def test_mixed_group_falls_back_to_sockets(mixed: Topology) -> None:
-    env = group_env(mixed, find_fabrics(mixed), ["ib1", "ro1"], "nccl")
-    assert env.common == {"NCCL_NET": "Socket", "NCCL_IB_DISABLE": "1",
-                          "NCCL_SOCKET_IFNAME": "=eth0"}
-
-
-def test_gloo_gets_the_socket_netdev_per_host() -> None:
-    other = dict(ETH, name="eno1", netdev="eno1")
-    t = topology([host("a1", "s", ETH), host("a2", "s", other)])
-    env = group_env(t, find_fabrics(t), ["a1", "a2"], "gloo")
-    assert env.per_host == {"a1": {"GLOO_SOCKET_IFNAME": "eth0"},
-                            "a2": {"GLOO_SOCKET_IFNAME": "eno1"}}

@@ -92,7 +92,7 @@ def edit_plan(source: Path, target: Path, change: Any) -> Path:
 @pytest.fixture(scope="module")
 def three_site_plan(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_plan(tmp_path_factory.mktemp("three"), three_site_topology(),
-                     "-m", "gpt-1.3b", "--regime", "datacentre")
+                     "-m", "gpt-1.3b", "--regime", "datacentre", "--nccl-net", "per-communicator")
 
 
 @pytest.fixture(scope="module")
@@ -130,31 +130,51 @@ def test_dry_run_of_a_three_site_plan(three_site_plan: Path) -> None:
         assert env["HETSCHED_PLAN"] == str(three_site_plan.resolve())
         assert env["HETSCHED_HOST"] == h["host"]
         assert env["NCCL_SOCKET_IFNAME"] == "=eth0"
+        assert "NCCL_NET" not in env and "NCCL_IB_DISABLE" not in env  # per communicator
+        transports = {g["name"]: (g["transport"], g["nccl_config"]) for g in h["groups"]}
         if h["host"].startswith("a"):  # the InfiniBand site's data group gets its HCA
             assert env["NCCL_IB_HCA"] == "=mlx5_0:1"
-            assert env_sources(h)["NCCL_IB_HCA"].startswith("data-")
+            assert env_sources(h)["NCCL_IB_HCA"] == "pipeline-r0"  # first group in plan order
+            assert transports["data-r0-s0"] == ("infiniband", {"net_name": "IB"})
         else:
-            assert env["NCCL_NET"] == "Socket" and "NCCL_IB_HCA" not in env
+            assert "NCCL_IB_HCA" not in env
+            assert {t for t, _ in transports.values()} == {"socket"}
+            assert {c["net_name"] for _, c in transports.values()} == {"Socket"}
     text = hetsched(*args, *script).stdout
     assert "# host a1 (node rank 0, ranks 0-1, 2 processes)" in text
     assert "# host c2 (node rank 5, ranks 10-11, 2 processes)" in text
-    assert "NCCL_IB_HCA==mlx5_0:1  # data-r0-s0" in text
+    assert "NCCL_IB_HCA==mlx5_0:1  # pipeline-r0" in text
+    assert "# group data-r0-s0 (data, ranks 0-3): infiniband (ncclConfig_t net_name=IB)" in text
 
 
 def env_sources(entry: dict[str, Any]) -> dict[str, str]:
     return entry["env_sources"]
 
 
-def test_dry_run_notes_env_conflicts(three_site_plan: Path, tmp_path: Path) -> None:
+def test_groups_that_disagree_on_a_host_variable_are_refused(three_site_plan: Path,
+                                                              tmp_path: Path) -> None:
     def per_host(data: dict[str, Any]) -> None:
         diloco = next(g for g in data["groups"] if g["kind"] == "diloco")
         diloco["env_per_host"] = {"a1": {"NCCL_SOCKET_IFNAME": "=ib0"}}
 
     plan = edit_plan(three_site_plan, tmp_path, per_host)
     done = hetsched("launch", str(plan), "--dry-run", "--json", "--", "train.py")
-    a1 = json.loads(done.stdout)["hosts"][0]
-    assert a1["env"]["NCCL_SOCKET_IFNAME"] == "=eth0"
-    assert any("NCCL_SOCKET_IFNAME" in n and "'=ib0'" in n for n in a1["notes"])
+    assert done.returncode == 2 and done.stdout == ""
+    assert "NCCL_SOCKET_IFNAME" in done.stderr and "diloco-" in done.stderr
+    assert "on host a1" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_nccl_plan_is_refused_here_naming_the_group(three_site_plan: Path,
+                                                    tmp_path: Path) -> None:
+    """--via local runs every host on this machine: a group it cannot run is named."""
+    done = hetsched("launch", str(three_site_plan), "--via", "local", "--", "train.py",
+                    cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "nothing was started" in done.stderr
+    if "HCA" in done.stderr:  # no mlx5_0 here
+        assert "group pipeline-r0 runs on infiniband over HCA mlx5_0" in done.stderr
+    else:
+        assert "runs on NCCL, but torch" in done.stderr
 
 
 def test_hostile_names_are_refused_and_hostile_args_quoted_for_ssh(

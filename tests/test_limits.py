@@ -30,6 +30,8 @@ from topology.lab_spec import LabSpec
 from topology.schema import Topology
 from topology.validation import Strict, bounded_float, bounded_int, limits_markdown, number_fields
 
+from hostile_cases import device_node, make_device
+
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMAS: dict[str, type[BaseModel]] = {"topology.yaml": Topology, "hosts.yaml": HostsFile,
                                        "model.yaml": ModelConfig, "plan.yaml": Plan,
@@ -153,17 +155,17 @@ def run(*argv: str) -> Any:
 
 
 @pytest.mark.parametrize("argv", [
-    ["probe", "local", "--no-flops", "-o", "/dev/null"],
+    ["probe", "local", "--no-flops", "-o", "DEVICE"],
     ["probe", "local", "--no-flops", "-o", "{d}"],
     ["probe", "local", "--no-flops", "-o", "{d}/token/x.yaml"],
-    ["probe", "token", "-o", "/dev/null"],
-    ["probe", "token", "-o", "{d}/token/x"],
-    ["probe", "lab", "-o", "/dev/null"],
+    ["probe", "lab", "-o", "DEVICE"],
 ])
 def test_other_writers_refuse_bad_outputs(tmp_path: Path, argv: list[str]) -> None:
     (tmp_path / "token").write_text("0123456789abcdef0123\n")
+    node, _ = device_node()
+    make_device(tmp_path)
     before = sorted(tmp_path.iterdir())
-    done = run(*(a.replace("{d}", str(tmp_path)) for a in argv))
+    done = run(*(a.replace("DEVICE", node).replace("{d}", str(tmp_path)) for a in argv))
     assert done.exit_code == 2 and not isinstance(done.exception, AssertionError)
     assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith("error: ")
     assert "-o: " in done.stderr and sorted(tmp_path.iterdir()) == before

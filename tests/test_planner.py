@@ -141,3 +141,69 @@ def test_geo_regime_refines_the_dt_fm_placement() -> None:
     assert decision.chosen is refined or decision.chosen.step_s <= refined.step_s
     sizes = sorted(len(stage) for stage in decision.chosen.layout.replicas[0])
     assert sizes == [3, 3, 3, 3, 3, 5]
+
+
+def gpu_host(name: str, site: str = "dc", gpus: int = 2, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "site": site, "cpu_cores": 16, "memory_gb": 128,
+            "devices": [{"name": f"gpu{i}", "kind": "gpu", "memory_gb": 80, "tflops": 150}
+                        for i in range(gpus)],
+            "nics": [{"name": "eth0", "kind": "ethernet", "speed_gbps": 25, "state": "up",
+                      "netdev": "eth0"}], **extra}
+
+
+def with_login_node(**login: Any) -> Topology:
+    """Two GPU hosts and a login node that `probe local` recorded with only cpu0."""
+    cpu = {"name": "login", "site": "dc", "cpu_cores": 4, "memory_gb": 16,
+           "devices": [{"name": "cpu0", "kind": "cpu", "memory_gb": 16, "tflops": 0.5}],
+           "nics": [{"name": "eth0", "kind": "ethernet", "speed_gbps": 25, "state": "up",
+                     "netdev": "eth0"}], **login}
+    return Topology.model_validate({"version": 1, "sites": [{"name": "dc"}],
+                                    "hosts": [gpu_host("g1"), gpu_host("g2"), cpu]})
+
+
+def test_a_cpu_only_host_is_left_out_of_a_gpu_job() -> None:
+    config = load_model("gpt-1.3b")
+    options = PlanOptions(nccl_net="per-communicator")
+    plan = build_plan(decide(with_login_node(), config, options))
+    assert all(not d.startswith("login:") for s in plan.stages for d in s.devices)
+    assert {g.backend for g in plan.groups} == {"nccl"}
+    assert [h.host for h in plan.left_out] == ["login"]
+    assert "no GPU (cpu0 only)" in plan.left_out[0].reason
+    assert "--include-cpu-hosts" in plan.left_out[0].reason
+    assert [d.device for d in plan.idle] == ["login:cpu0"]
+    kept = build_plan(decide(with_login_node(), config, PlanOptions(
+        nccl_net="per-communicator", include_cpu_hosts=True, stages=5)))  # 5 devices, 5 stages
+    assert kept.left_out == [] and any("login:cpu0" in s.devices for s in kept.stages)
+    assert {g.backend for g in kept.groups} == {"gloo"} and kept.nccl_net_selection is None
+
+
+def test_an_unreachable_host_is_left_out_with_its_reason() -> None:
+    gone = {"status": "unreachable", "reason": "ssh timed out"}
+    topology = Topology.model_validate({"version": 1, "sites": [{"name": "dc"}], "hosts": [
+        gpu_host("g1"), gpu_host("g2"), {"name": "g3", "site": "dc", **gone}]})
+    decision = decide(topology, load_model("gpt-1.3b"), PlanOptions(nccl_net="per-process"))
+    plan = build_plan(decision)
+    assert [(h.host, h.reason) for h in plan.left_out] == [("g3", "unreachable (ssh timed out)")]
+    assert plan.topology_sha256 == topology.sha256()  # the file given, not the one planned on
+    assert any(line.startswith("Left out: 1 host (g3: unreachable") for line in
+               summary(decision, plan, "t"))
+
+
+def test_the_plan_on_one_fabric_is_megatron_order() -> None:
+    topology = load_topology(EXAMPLES / "one-ib-fabric" / "topology.yaml")
+    config = load_model("gpt-1.3b")
+    decision = decide(topology, config, PlanOptions(nccl_net="per-communicator"))
+    naive = naive_estimate(topology, config, decision.chosen)
+    assert naive.layout.replicas == decision.chosen.layout.replicas
+    assert f"{decision.chosen.tokens_per_s / naive.tokens_per_s:.2f}" == "1.00"
+    words = summary(decision, build_plan(decision), "one-ib-fabric")
+    assert "1 fabric (dc-infiniband: 16 hosts)" in words[1]
+    assert "one pipeline over fabric dc-infiniband" in words[2]
+    assert not any("1 fabrics" in w or "all fabrics" in w for w in words)
+
+
+def test_a_gpu_keeps_memory_for_the_cuda_context_and_nccl() -> None:
+    decision = decide(with_login_node(), load_model("gpt-1.3b"),
+                      PlanOptions(nccl_net="per-communicator"))
+    reserve = 0.8 + 4 * 0.6
+    assert decision.context.memory_bytes("g1:gpu0") == pytest.approx((80 - reserve) * 1e9)

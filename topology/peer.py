@@ -1,7 +1,9 @@
 """The client side of the probe protocol: requests to an agent and link measurements.
 
 `AgentClient` sends one signed request at a time and waits, with a timeout, for the
-signed reply. `measure_peer` is what an agent runs when the coordinator asks it to
+signed reply. Every connection authenticates first with one-time signed PLAIN
+credentials (`open_dealer`); an agent that refuses them is reported at once, not after
+the timeout. `measure_peer` is what an agent runs when the coordinator asks it to
 measure the link to another agent: many pings for latency, then a timed bulk push over
 parallel streams for bandwidth, timed on the receiving side.
 """
@@ -16,9 +18,18 @@ from typing import Any
 
 import zmq
 
-from topology.protocol import PeerError, ProtocolError, Verifier, payload, sign
+from topology.protocol import (
+    CLOCK_WINDOW_S,
+    MAX_CHUNK_BYTES,
+    PeerError,
+    ProtocolError,
+    Verifier,
+    credentials,
+    payload,
+    sign,
+)
 
-DEFAULT_CHUNK_BYTES = 64 * 1024
+DEFAULT_CHUNK_BYTES = MAX_CHUNK_BYTES  # the agent drops a peer that sends bigger frames
 SEND_HWM = 4
 # The kernel send buffer of each bulk stream is sized from the idle round trip: enough
 # for the streams together to keep WINDOW_RATE in flight (bandwidth-delay product), no
@@ -27,16 +38,24 @@ SEND_HWM = 4
 WINDOW_RATE_BYTES_S = 10e9 / 8
 MIN_SNDBUF = 64 * 1024
 MAX_SNDBUF = 4 * 1024 * 1024
+HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
 
-def _dealer(context: zmq.Context, url: str, timeout_s: float, sndbuf: int = -1) -> zmq.Socket:
-    """A DEALER that queues only to a live connection and gives up sending after timeout_s."""
+def open_dealer(
+    context: zmq.Context, url: str, key: bytes, timeout_s: float, sndbuf: int = -1
+) -> zmq.Socket:
+    """A DEALER that authenticates to the agent at `url`, queues only to a live
+    connection and gives up sending after timeout_s."""
     socket = context.socket(zmq.DEALER)
     socket.setsockopt(zmq.SNDBUF, sndbuf)
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
     socket.setsockopt(zmq.SNDHWM, SEND_HWM)
     socket.setsockopt(zmq.IMMEDIATE, 1)
+    username, password = credentials(key)
+    socket.setsockopt(zmq.PLAIN_USERNAME, username)
+    socket.setsockopt(zmq.PLAIN_PASSWORD, password)
     socket.connect(url)
     return socket
 
@@ -49,13 +68,35 @@ class AgentClient:
         self.timeout_s = timeout_s
         self._key = key
         self._verifier = Verifier(key)
-        self._socket = _dealer(context, url, timeout_s)
+        self._socket = open_dealer(context, url, key, timeout_s)
+        self._monitor = self._socket.get_monitor_socket(HANDSHAKE_FAILED)
+        self._connected = False
 
     def request(self, op: str, timeout_s: float | None = None, **fields: Any) -> dict[str, Any]:
+        if not self._connected:
+            self._wait_connected()
+            self._connected = True
         send_signed(self._socket, self._key, self.url, {"op": op, **fields})
         return receive_reply(self._socket, self._verifier, self.url, timeout_s or self.timeout_s)
 
+    def _wait_connected(self) -> None:
+        """Return once a request can be queued; PeerError if refused or not in time."""
+        poller = zmq.Poller()
+        poller.register(self._socket, zmq.POLLOUT)
+        poller.register(self._monitor, zmq.POLLIN)
+        ready = dict(poller.poll(int(self.timeout_s * 1000)))
+        if self._monitor in ready:
+            raise PeerError(
+                f"{self.url} refused the connection: wrong token, clocks more than "
+                f"{CLOCK_WINDOW_S:g} s apart, a replayed handshake, or not a hetsched agent "
+                "(the agent's log says which)"
+            )
+        if self._socket not in ready:
+            raise PeerError(f"cannot connect to {self.url} within {self.timeout_s:g} s")
+
     def close(self) -> None:
+        self._socket.disable_monitor()
+        self._monitor.close(linger=0)
         self._socket.close(linger=0)
 
     def __enter__(self) -> AgentClient:
@@ -144,7 +185,8 @@ def push(
     """Send filler over `streams` parallel connections for `seconds`; the agent times it."""
     session = client.request("push_begin", streams=streams)["session"]
     sndbuf = stream_sndbuf(rtt_ms, streams)
-    sockets = [_dealer(context, client.url, client.timeout_s, sndbuf) for _ in range(streams)]
+    sockets = [open_dealer(context, client.url, key, client.timeout_s, sndbuf)
+               for _ in range(streams)]
     try:
         started = time.perf_counter()
         _send_until(sockets, session.encode(), payload(chunk_bytes), started + seconds)

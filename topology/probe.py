@@ -8,12 +8,17 @@ into successive waves; everything else in a round runs at once. For each pair, t
 host pings the second and pushes bulk data to it, then the second pushes back; the link
 keeps the median latency and the slower direction's bandwidth. A host or pair that
 cannot be measured is recorded as unreachable with the reason, and the rest is written.
+
+Agents measure only towards hosts of a declared run: during discovery the coordinator
+tells every agent the run's id and the tcp:// endpoints of all hosts in the hosts file
+(`begin_run`), and each measure request names that run.
 """
 
 from __future__ import annotations
 
 import itertools
 import random
+import secrets
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -131,6 +136,7 @@ class Coordinator:
         self._key = key
         self._context = context or zmq.Context.instance()
         self._entries = {h.name: h for h in hosts.hosts}
+        self._run = secrets.token_hex(8)
 
     def run(self, progress: ProgressFn | None = None, name: str | None = None) -> ProbeReport:
         report_progress = progress or (lambda _what, _done, _total: None)
@@ -160,6 +166,7 @@ class Coordinator:
         try:
             with AgentClient(self._context, entry.url, self._key, self.options.timeout_s) as c:
                 found = c.request("local")["host"]
+                c.request("begin_run", run=self._run, hosts=[h.url for h in self.hosts.hosts])
         except PeerError as exc:
             return _unreachable_host(entry, str(exc))
         if not isinstance(found, dict):
@@ -205,6 +212,7 @@ class Coordinator:
         with AgentClient(self._context, self._entries[source].url, self._key, wait) as client:
             reply = client.request(
                 "measure",
+                run=self._run,
                 peer=self._entries[target].url,
                 pings=pings,
                 seconds=options.seconds,

@@ -9,6 +9,7 @@ It depends on the plan (`holmes.plan`), never the reverse: the planner modules o
 
 - `plan_run`: where this process sits in the plan; the plan's process groups; `exit_job`.
 - `trainer`: the training loop of one rank (pipeline step, syncs, logs, checkpoints).
+- `zero`: a stage's parameters in shards over its data group; ZeRO-1's optimizer state.
 - `checkpoints`: the checkpoint folder's layout, the latest common step, pruning.
 - `links`: which link class (intra_host, intra_site, inter_site) joins two ranks.
 """

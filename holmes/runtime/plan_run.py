@@ -9,10 +9,17 @@
    for CPU devices; for GPUs NCCL, with gloo beside it for CPU tensors);
 3. maps the plan's ranks (launch order) to torchrun's ranks with one all-gather, because
    torchrun's c10d rendezvous numbers hosts in arrival order, not by `--node-rank`;
-4. creates every group of the plan (`pipeline`, `data`, `replica`, `diloco`) in plan
-   order on every rank, as `torch.distributed.new_group` requires;
-5. builds this replica's `skippipe.runtime.PipelineSchedule` from the plan's stages,
+4. checks that its host can run each of its groups as planned (`missing_here`: CUDA for
+   NCCL, the per-communicator settings, the HCAs for RDMA) and stops naming the group
+   when it cannot;
+5. creates every group of the plan (`pipeline`, `data`, `replica`, `diloco`) in plan
+   order on every rank, as `torch.distributed.new_group` requires; an NCCL group is
+   created with its own `ncclConfig_t` (`nccl_options`: the network it runs on);
+6. builds this replica's `skippipe.runtime.PipelineSchedule` from the plan's stages,
    layer ranges and `paths` (with the skip plan's memory caps when there are any).
+   Point-to-point traffic between two devices goes over the smallest `pipeline` group
+   holding both (`p2p_group`): the fabric's own group for a hop inside an RDMA fabric,
+   the replica's group otherwise, so each hop runs on the network the plan estimated.
 
 A script ends with `run.exit()` (`exit_job()` without a plan): every rank waits for the
 others, the process groups are destroyed and the process exits without finalizing the
@@ -24,9 +31,8 @@ SIGABRT, and torchrun fails the host after training succeeded. `destroy_process_
 does not stop those threads (torch itself keeps the default group referenced), so the
 exit must not finalize.
 
-Each group's NCCL settings are process-wide environment variables, which the launcher
-sets per host (NCCL reads them when a communicator is created); this module does not
-change the environment.
+What all groups of a process agree on (socket interface, HCAs) is in the environment,
+which the launcher sets per host; this module does not change the environment.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ import torch
 import torch.distributed as dist
 
 from holmes.plan import Group, Plan, load_plan
+from holmes.transports import missing_here, nccl_options, world_config
 from skippipe.runtime import PipelineSchedule
 from skippipe.simulate import Route
 
@@ -81,9 +88,11 @@ class PlanRun:
         host = _require_env("HETSCHED_HOST")
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         device = _device_of(plan, host, local_rank)
+        _check_groups_here(plan, host, device)
         _use_device(device)
         if not dist.is_initialized():
-            _init_default_group(_backend(plan))
+            _init_default_group(_backend(plan), nccl_options(
+                "default", world_config(plan.groups, plan.nccl_net_selection)))
         plan_ranks = plan.rank_of()
         gathered: list[object] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, plan_ranks[device])
@@ -104,6 +113,16 @@ class PlanRun:
             if group.kind == kind and self.placement.plan_rank in group.ranks:
                 return self.groups[group.name]
         return None
+
+    def p2p_group(self, src: str, dst: str) -> dist.ProcessGroup | None:
+        """The group that carries point-to-point traffic between devices `src` and `dst`:
+        the smallest `pipeline` group holding both (None: the default group)."""
+        ranks = self.plan.rank_of()
+        pair = {ranks[src], ranks[dst]}
+        holding = [g for g in self.plan.groups if g.kind == "pipeline" and pair <= set(g.ranks)]
+        if not holding:
+            return None
+        return self.groups[min(holding, key=lambda g: len(g.ranks)).name]
 
     def exit(self, code: int = 0) -> NoReturn:
         """The last call of a training script, on every rank: see `exit_job`."""
@@ -162,21 +181,28 @@ def _use_device(device: str) -> None:
         torch.cuda.set_device(index)
 
 
-def _init_default_group(backend: str) -> None:
+def _check_groups_here(plan: Plan, host: str, device: str) -> None:
+    rank = plan.rank_of()[device]
+    for group in plan.groups:
+        if rank in group.ranks and (reason := missing_here(group, host)) is not None:
+            raise RuntimeError(reason)
+
+
+def _init_default_group(backend: str, options: object | None = None) -> None:
     """Join the default group. Under torchrun's agent store the workers of one attempt
     must share a key prefix; torchrun derives it from each agent's restart count, which
     differs between hosts after one host's worker failed (only that agent counts a
     restart), so the restarted workers would never meet. Instead every worker counts
     itself in on the agent store: arrivals 1..W are attempt 0, W+1..2W attempt 1, ..."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, pg_options=options)
         return
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                           is_master=False, timeout=timedelta(minutes=5))
     attempt = (store.add("hetsched/arrivals", 1) - 1) // world
     dist.init_process_group(backend=backend, store=dist.PrefixStore(
-        f"hetsched/attempt_{attempt}", store), rank=rank, world_size=world)
+        f"hetsched/attempt_{attempt}", store), rank=rank, world_size=world, pg_options=options)
 
 
 def _backend(plan: Plan) -> str:
@@ -193,7 +219,8 @@ def _torch_backend(backend: str) -> str:
 def _new_group(group: Group, devices: dict[int, str],
                torch_rank_of: dict[str, int]) -> dist.ProcessGroup | None:
     ranks = sorted(torch_rank_of[devices[r]] for r in group.ranks)
-    made = dist.new_group(ranks, backend=_torch_backend(group.backend))
+    options = nccl_options(group.name, group.nccl_config) if group.backend == "nccl" else None
+    made = dist.new_group(ranks, backend=_torch_backend(group.backend), pg_options=options)
     return made if dist.get_rank() in ranks else None
 
 

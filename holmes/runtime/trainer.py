@@ -6,18 +6,24 @@ optimizer step per `step(batches)`:
 1. `skippipe.runtime.PipelineRuntime.step`: this rank's forwards, losses and backwards
    along the plan's routes; each stage's gradients are summed over the stage's devices
    (the plan's `data` group) so every device of a stage holds the replica's gradient of
-   its mean loss;
+   its mean loss (with ZeRO-1, only the part of it for the parameters it owns);
 2. between replicas, by the plan's `sync`: `allreduce` averages the gradients every
-   step, each lane one shard over its `replica` group, then broadcast in the stage;
-   `diloco` hands the parameters to `diloco.DiLoCo` over the `diloco` group after the
-   inner optimizer step (devices beyond the narrowest replica's lanes copy the merged
+   step, each lane one shard over its `replica` group (then broadcast in the stage when
+   every device needs the whole gradient), weighted by each replica's microbatches so
+   the step's gradient is the mean over the global batch; `diloco` hands the parameters
+   to `diloco.DiLoCo` over the `diloco` group after the inner optimizer step, weighted
+   the same way (devices beyond the narrowest replica's lanes copy the merged
    parameters from lane 0 of their stage);
-3. every `log_every` steps rank 0 prints the mean loss, tokens/s and the bytes this job
+3. the optimizer step, by the plan's `optimizer.sharding`: `none` steps the factory's
+   optimizer over all of the rank's parameters; `zero1` (`holmes.runtime.zero`) steps
+   it over the parameters this device owns in its stage's data group and then gathers
+   every owner's parameters, so each device holds 1/n of its stage's optimizer state;
+4. every `log_every` steps rank 0 prints the mean loss, tokens/s and the bytes this job
    sent per link class (pipeline P2P as counted, ring all-reduce as 2(n-1)/n of the
-   payload, DiLoCo as its ledger says; classes from the plan's topology: intra_host,
-   intra_site, inter_site);
-4. every `checkpoint_every` steps (at the first step after it where no DiLoCo exchange is
-   in flight) every rank writes its state atomically to
+   payload, reduce-scatter and all-gather as (n-1)/n each, DiLoCo as its ledger says;
+   classes from the plan's topology: intra_host, intra_site, inter_site);
+5. every `checkpoint_every` steps (at the first step after it where no DiLoCo exchange is
+   in flight) every rank writes its state (with ZeRO-1 its own optimizer shard) to
    `CHECKPOINT_DIR/step-NNNNNNNN/rank-R.pt`, keeping the last two. On start, the latest
    step that every rank has is loaded, so a torchrun restart continues the same run.
 
@@ -43,6 +49,7 @@ from diloco import DiLoCo, DiLoCoConfig
 from holmes.runtime import checkpoints
 from holmes.runtime.links import link_classes, slowest_class
 from holmes.runtime.plan_run import PlanRun
+from holmes.runtime.zero import StageShards, restrict
 from skippipe.runtime import PipelineRuntime
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
@@ -69,12 +76,20 @@ class Trainer:
         self.log_every, self.checkpoint_every = log_every, checkpoint_every
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self._print = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        data = run.group_of_kind("data")
         self.pipeline = PipelineRuntime(
             model, run.schedule, run.placement.torch_rank, activation_shape=activation_shape,
-            device=run.torch_device(), stage_group=run.group_of_kind("data"))
+            device=run.torch_device(), stage_group=data, sync="none",
+            p2p_group=run.p2p_group)
         self.params = list(self.pipeline.parameters())
+        self.shards = None if data is None else StageShards(
+            self.params, data, lanes=[run.torch_rank_of[d] for d in self._stage_devices()])
+        self.zero1 = self.shards is not None and run.plan.optimizer.sharding == "zero1"
         self.optimizer = make_optimizer(self.params)
-        self.diloco = _make_diloco(run, self.params, self.optimizer)
+        if self.zero1:
+            restrict(self.optimizer, self.shards.owned)
+        self.share = replica_share(run)
+        self.diloco = _make_diloco(run, self.params, self.share)
         self.bytes = Counter[str]()
         self._classes = link_classes(run)
         self._owed = False  # a checkpoint waits for DiLoCo to be quiescent
@@ -95,9 +110,13 @@ class Trainer:
         on rank 0 when one is printed."""
         losses = self.pipeline.step(batches)
         self._count_pipeline_bytes()
-        self._sync_replicas_before_update()
+        self._reduce_gradients()
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        for param in self.params:
+            param.grad = None
+        if self.zero1:
+            self.shards.all_gather_parameters()
+            self._add_shard_bytes()
         self._sync_replicas_after_update()
         self._window.extend(losses.values())
         self._window_steps += 1
@@ -135,14 +154,51 @@ class Trainer:
 
     # ---- syncs
 
-    def _sync_replicas_before_update(self) -> None:
-        """Average the stage's gradient over replicas, one shard per lane.
+    def _reduce_gradients(self) -> None:
+        """Sum the stage's gradients over its devices and average them over replicas.
+
+        A stage of several devices reduce-scatters its gradients (`StageShards`): each
+        device gets the sum for the parameters it owns. When every replica's stage has
+        as many devices, lane j owns the same parameters in every replica and averages
+        only that shard over its `replica` group. Then, without ZeRO-1, the owners'
+        gradients are all-gathered so every device steps on all of them. Replicas of
+        unequal width all-reduce in the stage and average shard by lane instead.
+        """
+        shards = self.shards
+        if shards is None:
+            self._average_over_replicas()
+            return
+        if self._averages_over_replicas() and _needs_stage_broadcast(self.run):
+            self.pipeline.sync_gradients()
+            self._add_ring_bytes(shards.group, torch.empty(_numel(self.params)))
+            self._average_over_replicas()
+            if self.zero1:
+                shards.keep_owned_gradients()
+            return
+        mine = shards.reduce_scatter_gradients()
+        self._add_shard_bytes()
+        group = self.run.group_of_kind("replica")
+        if self._averages_over_replicas() and group is not None:
+            owned = mine[:shards.owned_numel]
+            owned *= self.share
+            dist.all_reduce(owned, group=group)
+            self._add_ring_bytes(group, owned)
+        if not self.zero1:
+            shards.all_gather_gradients(mine)
+            self._add_shard_bytes()
+
+    def _averages_over_replicas(self) -> bool:
+        return self.run.plan.sync == "allreduce" and len(self.run.plan.replicas) > 1
+
+    def _average_over_replicas(self) -> None:
+        """Average the stage's gradient over replicas, one shard per lane, each replica
+        weighted by its share of the step's microbatches.
 
         Every device of a stage holds the same gradient (the data group summed it), so
         lane j all-reduces only shard j over its `replica` group and then broadcasts it
         in the data group: the replicas exchange the gradient once, not once per lane.
         """
-        if self.run.plan.sync != "allreduce" or len(self.run.plan.replicas) < 2:
+        if not self._averages_over_replicas():
             return
         flat = torch.cat([_grad(p).reshape(-1) for p in self.params])
         lanes = self._synced_lanes()
@@ -150,8 +206,8 @@ class Trainer:
         group = self.run.group_of_kind("replica")
         if group is not None:
             mine = shards[self.run.placement.lane]
+            mine *= self.share
             dist.all_reduce(mine, group=group)
-            mine /= dist.get_world_size(group)
             self._add_ring_bytes(group, mine)
         data = self.run.group_of_kind("data")
         if data is not None:
@@ -193,9 +249,11 @@ class Trainer:
         for peer, sent in self.pipeline.bytes_sent.items():
             self.bytes[self._classes(self.run.placement.torch_rank, peer)] += sent
         self.pipeline.bytes_sent.clear()
-        group = self.run.group_of_kind("data")
-        if group is not None:
-            self._add_ring_bytes(group, torch.empty(sum(p.numel() for p in self.params)))
+
+    def _add_shard_bytes(self) -> None:
+        """One reduce-scatter or all-gather of the stage over the data group."""
+        if self.shards is not None:
+            self.bytes[self._group_class(self.shards.group)] += self.shards.wire_bytes
 
     def _add_ring_bytes(self, group: dist.ProcessGroup, flat: Tensor) -> None:
         n = dist.get_world_size(group)
@@ -258,7 +316,8 @@ class Trainer:
         state = {"step": done, "bytes": dict(self._with_diloco_bytes()),
                  "diloco": self.diloco.state_dict() if self.diloco is not None else None,
                  "params": {n: p.detach().cpu() for n, p in self.pipeline.named_parameters()},
-                 "optimizer": self.optimizer.state_dict()}
+                 "optimizer": self.optimizer.state_dict(),
+                 "optimizer_shard": self._optimizer_shard()}
         folder = checkpoints.save_rank_state(self.checkpoint_dir, done,
                                              self.run.placement.plan_rank, state)
         dist.barrier()
@@ -283,11 +342,23 @@ class Trainer:
             self._print(f"resumed from step {step} ({self.checkpoint_dir})")
         return step
 
+    def _optimizer_shard(self) -> dict[str, Any]:
+        """Which part of the stage's optimizer state this rank holds (kept in checkpoints)."""
+        if not self.zero1:
+            return {"sharding": "none"}
+        return {"sharding": "zero1", "shard": self.shards.shard, "shards": len(self.shards.lanes)}
+
     @torch.no_grad()
     def _load(self, state: dict[str, Any]) -> None:
         named = dict(self.pipeline.named_parameters())
         for name, saved in state["params"].items():
             named[name].copy_(saved)
+        saved_shard = state.get("optimizer_shard", {"sharding": "none"})
+        if saved_shard != self._optimizer_shard():
+            raise RuntimeError(
+                f"the checkpoint of plan rank {self.run.placement.plan_rank} holds optimizer "
+                f"state {saved_shard}, this run needs {self._optimizer_shard()}: resume with "
+                "the plan that wrote it (its optimizer sharding and data-parallel widths)")
         self.optimizer.load_state_dict(state["optimizer"])
         if self.diloco is not None and state["diloco"] is not None:
             self.diloco.load_state_dict(state["diloco"])
@@ -299,6 +370,26 @@ class Trainer:
 
 def _grad(param: nn.Parameter) -> Tensor:
     return param.grad if param.grad is not None else torch.zeros_like(param)
+
+
+def _numel(params: Sequence[nn.Parameter]) -> int:
+    return sum(p.numel() for p in params)
+
+
+def replica_microbatches(run: PlanRun) -> list[int]:
+    """The microbatches of every replica's routes in one step, replica by replica."""
+    replica_of = {d: stage.replica for stage in run.plan.stages for d in stage.devices}
+    counts = Counter(replica_of[path.origin] for path in run.plan.paths)
+    return [counts[replica.id] for replica in run.plan.replicas]
+
+
+def replica_share(run: PlanRun) -> float:
+    """This rank's replica's share of the step's microbatches: its weight when replicas
+    average. Each replica's gradient is the mean over its own microbatches, so the
+    microbatch-weighted average is the mean over the global batch."""
+    counts = replica_microbatches(run)
+    index = [r.id for r in run.plan.replicas].index(run.placement.replica)
+    return counts[index] / max(1, sum(counts))
 
 
 def _any_rank(flag: bool) -> bool:
@@ -325,8 +416,11 @@ def _needs_stage_broadcast(run: PlanRun) -> bool:
     return len(set(_stage_widths(run))) > 1
 
 
-def _make_diloco(run: PlanRun, params: list[nn.Parameter],
-                 optimizer: torch.optim.Optimizer) -> DiLoCo | None:
+def _make_diloco(run: PlanRun, params: list[nn.Parameter], share: float) -> DiLoCo | None:
+    """DiLoCo over the lane's `diloco` group. Its inner optimizer's state is checkpointed
+    by the trainer (with ZeRO-1 as this rank's shard), so DiLoCo gets none to save; each
+    replica's pseudo-gradient is weighted by its `share` of the microbatches when the
+    shares differ (equal shares keep DiLoCo's plain mean)."""
     settings = run.plan.diloco
     group = run.group_of_kind("diloco")
     if run.plan.sync != "diloco" or settings is None or group is None:
@@ -340,7 +434,9 @@ def _make_diloco(run: PlanRun, params: list[nn.Parameter],
         alpha=settings.alpha, quantization=None if settings.quantization == "none"
         else settings.quantization, outer_lr=settings.outer_lr,
         outer_momentum=settings.outer_momentum)
-    return DiLoCo(holder, optimizer, group, config, layers=list(holder.layers))
+    equal = len(set(replica_microbatches(run))) == 1
+    return DiLoCo(holder, None, group, config, layers=list(holder.layers),
+                  weight=None if equal else share)
 
 
 def _one_param_module(param: nn.Parameter) -> nn.Module:
