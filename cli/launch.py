@@ -104,8 +104,10 @@ def launch(plan_file: Path, script: tuple[str, ...], via: Via, lab_name: str | N
     plan = load_plan(plan_file)
     check_plan_hosts(plan, via)
     check_plan_source(plan, plan_file)
-    _check_script(script, via)
     _check_topology(plan, plan_file, topology_file, force)
+    if via != "ssh" and not dry_run:
+        _check_runnable_here(plan)
+    _check_script(script, via)
     lab = find_lab(lab_name) if via == "lab" else None
     spec = LaunchSpec(
         via=via, plan_path=plan_file.resolve(), script=script,
@@ -117,8 +119,6 @@ def launch(plan_file: Path, script: tuple[str, ...], via: Via, lab_name: str | N
     if dry_run:
         click.echo(_dry_run_json(spec, commands) if as_json else _dry_run_text(spec, commands))
         return
-    if via != "ssh":
-        _check_runnable_here(plan)
     _check_reachable(commands, spec, lab, force)
     printer = Printer(sys.stdout, sys.stderr)
     printer.note(f"{_count(len(commands), 'host', 'hosts')} via {via}, rendezvous "

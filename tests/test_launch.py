@@ -296,11 +296,12 @@ def test_changed_topology_is_refused_unless_forced(local_plan: Path, tmp_path: P
     topology["hosts"][0]["cpu_cores"] += 1
     (tmp_path / "topology.yaml").write_text(yaml.safe_dump(topology))
     args = ["launch", str(plan), "--via", "local", "--dry-run"]
-    refused = hetsched(*args, "--", "x.py")
+    (tmp_path / "x.py").write_text("")  # --via local checks that the script is here
+    refused = hetsched(*args, "--", "x.py", cwd=tmp_path)
     assert refused.returncode == 2 and refused.stdout == ""
     assert "topology_sha256: was made for topology" in refused.stderr
     assert "--force" in refused.stderr
-    forced = hetsched(*args, "--force", "--", "x.py")
+    forced = hetsched(*args, "--force", "--", "x.py", cwd=tmp_path)
     assert forced.returncode == 0, forced.stderr
     assert "warning:" in forced.stderr and "# host h1" in forced.stdout
 
