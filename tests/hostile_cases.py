@@ -27,6 +27,7 @@ import re
 import socket
 import stat
 import sys
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -155,15 +156,15 @@ def base_files() -> dict[str, bytes]:
              "hosts.yaml": dump(base_hosts()), "lab.yaml": dump(base_lab()),
              "token": b"0123456789abcdef0123456789abcdef\n",
              "script.py": b"print('never run by these tests')\n"}
-    folder = Path(os.environ.get("TMPDIR", "/tmp")) / f"hostile-base-{os.getpid()}"
-    folder.mkdir(exist_ok=True)
-    (folder / "topology.yaml").write_bytes(files["topology.yaml"])
-    for name, options in PLAN_OPTIONS.items():
-        out = folder / name
-        done = CliRunner().invoke(cli, ["plan", str(folder / "topology.yaml"), "-m", "tiny-gpt",
-                                        "-o", str(out), *options])
-        assert done.exit_code == 0, done.output
-        files[name] = out.read_bytes()
+    with tempfile.TemporaryDirectory(prefix="hostile-base-") as tmp:
+        folder = Path(tmp)
+        (folder / "topology.yaml").write_bytes(files["topology.yaml"])
+        for name, options in PLAN_OPTIONS.items():
+            out = folder / name
+            done = CliRunner().invoke(cli, ["plan", str(folder / "topology.yaml"), "-m",
+                                            "tiny-gpt", "-o", str(out), *options])
+            assert done.exit_code == 0, done.output
+            files[name] = out.read_bytes()
     return files
 
 
