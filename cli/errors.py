@@ -19,9 +19,16 @@ EXIT_INCOMPLETE = 1
 
 
 def fail(message: str) -> None:
-    """Print `error: message` to stderr and exit with status 2."""
-    click.echo(f"error: {message}", err=True)
+    """Print `error: message` to stderr as one line and exit with status 2."""
+    click.echo(f"error: {one_line(message)}", err=True)
     sys.exit(EXIT_BAD_INPUT)
+
+
+def one_line(text: str) -> str:
+    """`text` with newlines and other control characters escaped (`\\n`, `\\x1b`), so a
+    hostile name in a file can neither split the error line nor drive the terminal."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
 
 
 def reports_input_errors(command: Callable[P, R]) -> Callable[P, R]:

@@ -7,14 +7,15 @@ receiver's row at its arrival; a data-parallel all-reduce tail is hatched.
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
 
 from skippipe.simulate import SimResult
 
 ALPHA = {"forward": 0.55, "loss": 1.0, "backward": 1.0}
 
 
-def draw_gantt(result: SimResult, rows: list[str], path: Path, title: str) -> None:
+def draw_gantt(result: SimResult, rows: list[str], image_format: str, title: str) -> bytes:
+    """The chart as the bytes of a `png` or `svg` file (the caller writes it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -44,5 +45,7 @@ def draw_gantt(result: SimResult, rows: list[str], path: Path, title: str) -> No
     axes.set_xlabel("seconds")
     axes.set_title(title)
     figure.tight_layout()
-    figure.savefig(path)
+    image = io.BytesIO()
+    figure.savefig(image, format=image_format)
     plt.close(figure)
+    return image.getvalue()

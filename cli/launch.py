@@ -28,6 +28,7 @@ from pathlib import Path
 import click
 
 from cli.errors import reports_input_errors
+from cli.options import FILE
 from cli.supervise import Printer, report, supervise
 from cli.torchrun import (
     LOOPBACK,
@@ -39,12 +40,11 @@ from cli.torchrun import (
     host_ranks,
 )
 from holmes.plan import Plan, load_plan
-from holmes.review import plan_topology
+from holmes.review import check_plan_source, plan_topology
 from holmes.transports import missing_here
 from topology.errors import InputError
 from topology.lab import LabError, LabState, find_lab, missing_namespaces
 
-FILE = click.Path(dir_okay=False, path_type=Path)
 SSH_CHECK_TIMEOUT_S = 5
 SSH_CHECK_WAIT_S = 20
 
@@ -103,7 +103,11 @@ def launch(plan_file: Path, script: tuple[str, ...], via: Via, lab_name: str | N
         raise InputError("may not be empty", field="--torchrun")
     plan = load_plan(plan_file)
     check_plan_hosts(plan, via)
+    check_plan_source(plan, plan_file)
     _check_topology(plan, plan_file, topology_file, force)
+    if via != "ssh" and not dry_run:
+        _check_runnable_here(plan)
+    _check_script(script, via)
     lab = find_lab(lab_name) if via == "lab" else None
     spec = LaunchSpec(
         via=via, plan_path=plan_file.resolve(), script=script,
@@ -115,8 +119,6 @@ def launch(plan_file: Path, script: tuple[str, ...], via: Via, lab_name: str | N
     if dry_run:
         click.echo(_dry_run_json(spec, commands) if as_json else _dry_run_text(spec, commands))
         return
-    if via != "ssh":
-        _check_runnable_here(plan)
     _check_reachable(commands, spec, lab, force)
     printer = Printer(sys.stdout, sys.stderr)
     printer.note(f"{_count(len(commands), 'host', 'hosts')} via {via}, rendezvous "
@@ -124,6 +126,18 @@ def launch(plan_file: Path, script: tuple[str, ...], via: Via, lab_name: str | N
     outcome = supervise(commands, printer)
     report(outcome, printer)
     sys.exit(outcome.exit_code)
+
+
+def _check_script(script: tuple[str, ...], via: Via) -> None:
+    """--via local and lab run SCRIPT from this machine: it must be a file here. (A first
+    word starting with '-' is a torchrun option such as --no-python; ssh's is remote.)"""
+    if via == "ssh" or script[0].startswith("-"):
+        return
+    path = Path(script[0])
+    if not path.is_file():
+        why = "is not a file" if path.exists() else "not found"
+        raise InputError(f"{script[0]} {why} (--via {via} runs it from this machine); "
+                         "nothing was started", field="SCRIPT")
 
 
 def _check_topology(plan: Plan, plan_file: Path, topology_file: Path | None, force: bool) -> None:

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.errors import reports_input_errors
+from cli.options import FILE
 from holmes.estimate import GPU_RESERVED_GB, DilocoChoice, Estimate, usable_memory_gb
 from holmes.hosts import CPU_HOST_FLAG
 from holmes.model import list_presets, load_model
@@ -18,6 +19,7 @@ from holmes.plan import Plan, load_plan, save_plan
 from holmes.plan_build import build_plan, idle_lines, left_out_lines, summary
 from holmes.planner import PlanOptions, decide, naive_estimate, naive_like_estimate
 from holmes.review import (
+    check_plan_source,
     estimate_plan,
     plan_diloco,
     plan_model,
@@ -26,34 +28,39 @@ from holmes.review import (
 )
 from holmes.skipping import DEFAULT_MAX_SWAPS, SkipChoice
 from topology.errors import InputError
+from topology.files import check_output, write_bytes_atomic
 from topology.schema import load_topology
 
-TOPOLOGY = click.Path(dir_okay=False, path_type=Path)
+MAX_SYNC_EVERY = 1_000_000
+MAX_FRAGMENTS = 1024
+DEFAULT_OVERLAP_STEPS = 2
 TABLE_ROWS = 32
 CANDIDATE_ROWS = 8
 NAIVE_LIKE = "naive, the plan's replicas and sync"
 
 
 @click.command()
-@click.argument("topology_file", type=TOPOLOGY)
+@click.argument("topology_file", type=FILE)
 @click.option("-m", "--model", "model_name", required=True,
               help=f"A model.yaml, or a preset: {', '.join(list_presets())}.")
-@click.option("-o", "--output", type=TOPOLOGY, required=True, help="Where to write plan.yaml.")
+@click.option("-o", "--output", type=FILE, required=True, help="Where to write plan.yaml.")
 @click.option("--sync", type=click.Choice(["auto", "allreduce", "diloco"]), default="auto",
               show_default=True, help="How replicas stay in step (auto: all-reduce unless "
               "DiLoCo is more than 10% faster).")
 @click.option("--regime", type=click.Choice(["auto", "datacentre", "geo"]), default="auto",
               show_default=True, help="Holmes fabric islands, or DT-FM for scattered nodes.")
-@click.option("--stages", type=click.IntRange(min=1), help="Force the number of pipeline stages.")
-@click.option("--sync-every", type=click.IntRange(min=1), default=100, show_default=True,
-              help="DiLoCo: inner steps H between syncs of a fragment.")
-@click.option("--fragments", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--stages", type=click.IntRange(1, 4096),
+              help="Force the number of pipeline stages.")
+@click.option("--sync-every", type=click.IntRange(1, MAX_SYNC_EVERY), default=100,
+              show_default=True, help="DiLoCo: inner steps H between syncs of a fragment.")
+@click.option("--fragments", type=click.IntRange(1, MAX_FRAGMENTS), default=4, show_default=True,
+              help="DiLoCo: fragments synced in turn (at most --sync-every).")
 @click.option("--quantization", type=click.Choice(["fp4", "int8", "bf16", "none"]),
               default="fp4", show_default=True)
 @click.option("--skip-ratio", type=float, default=None,
               help="SkipPipe: each microbatch skips this fraction k in [0, 1) of the "
               "non-first stages; routes are chosen to avoid collisions (default: no skipping).")
-@click.option("--max-swaps", type=click.IntRange(min=0), default=DEFAULT_MAX_SWAPS,
+@click.option("--max-swaps", type=click.IntRange(0, 1024), default=DEFAULT_MAX_SWAPS,
               show_default=True, help="SkipPipe: swaps of consecutive stages per route.")
 @click.option("--optimizer-sharding", type=click.Choice(["zero1", "none"]), default="zero1",
               show_default=True, help="zero1: each device keeps 1/n of its stage's optimizer "
@@ -73,19 +80,24 @@ def plan(topology_file: Path, model_name: str, output: Path, sync: str, regime: 
          include_cpu_hosts: bool,
          as_json: bool) -> None:
     """Plan MODEL on TOPOLOGY_FILE: stages, layers, groups, NICs, sync; write plan.yaml."""
-    topology = load_topology(topology_file)
-    config = load_model(model_name)
+    check_output(output, topology_file, Path(model_name), field="-o")
     skip = None
     if skip_ratio is not None:
         if not 0.0 <= skip_ratio < 1.0:
             raise InputError(f"must be in [0, 1), got {skip_ratio:g}", field="--skip-ratio")
         skip = SkipChoice(ratio=skip_ratio, max_swaps=max_swaps)
+    if fragments > sync_every:
+        raise InputError(f"{fragments} fragments need --sync-every >= {fragments}, got "
+                         f"{sync_every}", field="--fragments")
     options = PlanOptions(regime=regime, sync=sync, stages=stages, skip=skip,
                           diloco=DilocoChoice(sync_every=sync_every, fragments=fragments,
+                                              overlap_steps=min(DEFAULT_OVERLAP_STEPS,
+                                                                sync_every - 1),
                                               quantization=quantization),
                           optimizer_sharding=optimizer_sharding, nccl_net=nccl_net,
                           include_cpu_hosts=include_cpu_hosts)
-    decision = decide(topology, config, options)
+    topology = load_topology(topology_file)
+    decision = decide(topology, load_model(model_name), options)
     relative = _relative_to(topology_file, output)
     source = _relative_to(Path(model_name), output) if Path(model_name).is_file() else model_name
     result = build_plan(decision, topology_file=relative, model_source=source)
@@ -119,16 +131,21 @@ def _candidates_table(candidates: list[Estimate], chosen: Estimate) -> Table:
 
 
 @click.command()
-@click.argument("plan_file", type=TOPOLOGY)
-@click.option("--topology", "topology_file", type=TOPOLOGY,
+@click.argument("plan_file", type=FILE)
+@click.option("--topology", "topology_file", type=FILE,
               help="Topology file (default: the one the plan names).")
-@click.option("--gantt", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--gantt", type=FILE,
               help="Draw one simulated iteration to FILE.png or FILE.svg.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON instead.")
 @reports_input_errors
 def show(plan_file: Path, topology_file: Path | None, gantt: Path | None, as_json: bool) -> None:
     """Review PLAN_FILE: stages, groups and NICs, link load, memory headroom, a Gantt chart."""
+    if gantt is not None:
+        if gantt.suffix not in (".png", ".svg"):
+            raise InputError("the Gantt chart must be a .png or .svg file", field="--gantt")
+        check_output(gantt, plan_file, topology_file, field="--gantt")
     the_plan = load_plan(plan_file)
+    check_plan_source(the_plan, plan_file)
     if as_json:
         click.echo(the_plan.to_json())
         return
@@ -150,15 +167,14 @@ def show(plan_file: Path, topology_file: Path | None, gantt: Path | None, as_jso
 def _draw(the_plan: Plan, plan_file: Path, topology, gantt: Path) -> None:  # noqa: ANN001
     from cli.gantt import draw_gantt
 
-    if gantt.suffix not in (".png", ".svg"):
-        raise InputError("the Gantt chart must be a .png or .svg file", field="--gantt")
     result = estimate_plan(the_plan, topology, plan_model(the_plan, None, plan_file))
     active = {event.node for event in result.simulation.timeline}
     rows = [d for s in the_plan.replicas[0].stages for d in the_plan.stage(s).devices
             if d in active]
-    draw_gantt(result.simulation, rows, gantt,
-               f"{the_plan.model.name}: one iteration of replica 0, lane 0 "
-               f"({result.iteration_s:.3g} s simulated)")
+    image = draw_gantt(result.simulation, rows, gantt.suffix[1:],
+                       f"{the_plan.model.name}: one iteration of replica 0, lane 0 "
+                       f"({result.iteration_s:.3g} s simulated)")
+    write_bytes_atomic(gantt, image)
 
 
 def _stages_table(the_plan: Plan) -> Table:
@@ -235,8 +251,8 @@ def _memory_table(the_plan: Plan, topology) -> Table:  # noqa: ANN001
 
 
 @click.command()
-@click.argument("plan_file", type=TOPOLOGY)
-@click.option("--topology", "topology_file", type=TOPOLOGY,
+@click.argument("plan_file", type=FILE)
+@click.option("--topology", "topology_file", type=FILE,
               help="Topology file (default: the one the plan names).")
 @click.option("--model", "model_name", help="Model file or preset (default: the plan's).")
 @click.option("--baseline", type=click.Choice(["none", "naive", "full"]), default="none",

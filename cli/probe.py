@@ -15,7 +15,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cli.errors import EXIT_INCOMPLETE, reports_input_errors
+from cli.options import FILE, finite_range
 from topology.errors import InputError
+from topology.files import check_output
 from topology.hosts import load_hosts
 from topology.probe import Coordinator, ProbeOptions, ProbeReport
 from topology.protocol import (
@@ -28,6 +30,8 @@ from topology.protocol import (
 )
 from topology.schema import TOPOLOGY_VERSION, Topology, load_topology, save_topology
 
+MAX_TIMEOUT_S = 3600.0
+
 
 @click.group()
 def probe() -> None:
@@ -35,7 +39,7 @@ def probe() -> None:
 
 
 @probe.command("local")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("-o", "--output", type=FILE,
               help="Write a one-host topology.yaml here (default: print it).")
 @click.option("--sysfs", type=click.Path(file_okay=False, path_type=Path), default=Path("/sys"),
               show_default=True, help="Root of the sysfs tree to read NICs from.")
@@ -49,6 +53,9 @@ def probe_local(output: Path | None, sysfs: Path, name: str | None, site: str | 
                 flops: bool, as_json: bool) -> None:
     """Discover this host: cores, memory, GPUs, and NICs (InfiniBand, RoCE, Ethernet)."""
     from topology.discover import discover_host
+
+    if output is not None:
+        check_output(output, field="-o")
 
     host = discover_host(sysfs, name=name, site=site, measure_flops=flops)
     sites = [{"name": site}] if site else []
@@ -91,7 +98,8 @@ allow_open_token_option = click.option(
               show_default=True, hidden=True)
 @click.option("--flops/--no-flops", default=True, show_default=True,
               help="Time a short matmul at start-up to report effective TFLOPS.")
-@click.option("--idle-timeout", type=click.FloatRange(min=1), default=30.0, show_default=True,
+@click.option("--idle-timeout", type=finite_range(1, MAX_TIMEOUT_S), default=30.0,
+              show_default=True,
               help="Seconds after which an idle bulk-transfer session is dropped.")
 @allow_open_token_option
 @reports_input_errors
@@ -123,18 +131,19 @@ def probe_agent(listen: str, token_file: Path, name: str | None, sysfs: Path, fl
 
 
 @probe.command("run")
-@click.argument("hosts_file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+@click.argument("hosts_file", type=FILE)
+@click.option("-o", "--output", type=FILE, required=True,
               help="Where to write topology.yaml.")
 @click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="File holding the shared token.")
 @click.option("--pings", type=click.IntRange(1, 1000), default=30, show_default=True,
               help="Round trips per pair for the latency median.")
-@click.option("--seconds", type=click.FloatRange(0.1, 30), default=1.0, show_default=True,
+@click.option("--seconds", type=finite_range(0.1, 30), default=1.0, show_default=True,
               help="Duration of each bulk transfer (per direction).")
 @click.option("--streams", type=click.IntRange(1, 16), default=4, show_default=True,
               help="Parallel connections per bulk transfer.")
-@click.option("--timeout", type=click.FloatRange(min=0.5), default=10.0, show_default=True,
+@click.option("--timeout", type=finite_range(0.5, MAX_TIMEOUT_S), default=10.0,
+              show_default=True,
               help="Seconds to wait for an agent before calling it unreachable.")
 @click.option("--schedule", type=click.Choice(["tournament", "sequential"]),
               default="tournament", show_default=True,
@@ -151,6 +160,7 @@ def probe_run(hosts_file: Path, output: Path, token_file: Path, pings: int, seco
     Exit status: 0 when everything was measured, 1 when a host or link could not be
     (they are recorded as unreachable, with the reason), 2 for bad input.
     """
+    check_output(output, hosts_file, token_file, field="-o")
     hosts = load_hosts(hosts_file)
     key = load_token(token_file, allow_open=allow_open_token)
     options = ProbeOptions(pings=pings, seconds=seconds, streams=streams, timeout_s=timeout,
@@ -205,7 +215,7 @@ def print_summary(report: ProbeReport, output: Path, as_json: bool) -> None:
 
 
 @probe.command("check")
-@click.argument("topology_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("topology_file", type=FILE)
 @click.option("--json", "as_json", is_flag=True, help="Print the validated topology as JSON.")
 @reports_input_errors
 def probe_check(topology_file: Path, as_json: bool) -> None:
@@ -236,12 +246,13 @@ def _speed(gbps: float | None) -> str:
 
 @probe.command("lab")
 @click.option("--lab", "lab_name", help="Which running lab (default: the only one).")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("-o", "--output", type=FILE,
               default=Path("topology.yaml"), show_default=True, help="Where to write the result.")
 @click.option("--pings", type=click.IntRange(1, 1000), default=30, show_default=True)
-@click.option("--seconds", type=click.FloatRange(0.1, 30), default=1.0, show_default=True)
+@click.option("--seconds", type=finite_range(0.1, 30), default=1.0, show_default=True)
 @click.option("--streams", type=click.IntRange(1, 16), default=4, show_default=True)
-@click.option("--timeout", type=click.FloatRange(min=0.5), default=10.0, show_default=True)
+@click.option("--timeout", type=finite_range(0.5, MAX_TIMEOUT_S), default=10.0,
+              show_default=True)
 @click.option("--schedule", type=click.Choice(["tournament", "sequential"]),
               default="tournament", show_default=True)
 @click.option("--flops/--no-flops", default=False, show_default=True,
@@ -258,6 +269,7 @@ def probe_lab_command(lab_name: str | None, output: Path, pings: int, seconds: f
     from topology.lab import find_lab
     from topology.lab_probe import probe_lab
 
+    check_output(output, field="-o")
     state = find_lab(lab_name)
     options = ProbeOptions(pings=pings, seconds=seconds, streams=streams, timeout_s=timeout,
                            schedule=schedule)

@@ -27,6 +27,7 @@ point-to-point neighbours).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections import Counter
@@ -111,6 +112,18 @@ class Context:
 
     def memory_bytes(self, device: str) -> float:
         return usable_memory_gb(self._device(device)) * costs.GB
+
+    def fabrics_of(self, host: str) -> frozenset[int]:
+        """Indexes of the fabrics `host` belongs to."""
+        return self._fabric_index.get(host, frozenset())
+
+    @functools.cached_property
+    def _fabric_index(self) -> dict[str, frozenset[int]]:
+        index: dict[str, set[int]] = {}
+        for i, fabric in enumerate(self.fabrics):
+            for host in fabric.hosts:
+                index.setdefault(host, set()).add(i)
+        return {host: frozenset(found) for host, found in index.items()}
 
     def is_cpu(self, device: str) -> bool:
         return self._device(device).kind == "cpu"
@@ -258,7 +271,8 @@ def estimate(layout: Layout, partition: Partition, ctx: Context, sync: str,
     for r, replica in enumerate(layout.replicas):
         routes = all_routes[r]
         full = all(len(rt.nodes) == len(replica) for rt in routes)
-        lanes = len(replica[0]) if full and _lane_sampled(replica) else 1
+        # Lanes beyond the replica's microbatches stay idle: sample only busy ones.
+        lanes = min(len(replica[0]), len(routes)) if full and _lane_sampled(replica) else 1
         simulated = routes[_slowest_lane(replica, ctx, lanes)::lanes]
         spec = _spec(layout, replica, partition, ctx, simulated, lanes, forced, in_flight)
         result = simulate(spec, record_timeline=timeline and r == 0)
@@ -453,7 +467,7 @@ def _group_class(ctx: Context, devices: list[str]) -> str:
 def _host_class(ctx: Context, a: str, b: str) -> str:
     if a == b:
         return "intra_host"
-    if any(a in f.hosts and b in f.hosts for f in ctx.fabrics):
+    if ctx.fabrics_of(a) & ctx.fabrics_of(b):
         return "intra_fabric"
     if ctx.topology.host(a).site == ctx.topology.host(b).site:
         return "inter_fabric"

@@ -34,19 +34,30 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self
+from typing import Any, Literal, Self
 
 import yaml
-from pydantic import Field, model_validator
+from pydantic import model_validator
 
 from topology.errors import InputError
 from topology.files import load_yaml_mapping
 from topology.schema import Name
-from topology.validation import Strict, validate_as
+from topology.validation import Strict, Version, bounded_float, bounded_int, validate_as
 
 MODEL_VERSION = 1
 
-PositiveInt = Annotated[int, Field(gt=0, strict=True)]
+# The partition and the simulator loop over layers and microbatches: these bound them.
+MAX_LAYERS = 1024
+MAX_MICROBATCHES = 4096
+
+Layers = bounded_int(1, MAX_LAYERS)
+Hidden = bounded_int(1, 1 << 20)
+Heads = bounded_int(1, 1 << 16)
+Ffn = bounded_int(1, 1 << 22)
+Vocab = bounded_int(1, 1 << 24)
+SeqLen = bounded_int(1, 1 << 24, "tokens")
+GlobalBatch = bounded_int(1, 1 << 20, "samples")
+Microbatch = bounded_int(1, 1 << 16, "samples")
 Dtype = Literal["bf16", "fp16", "fp32"]
 Arch = Literal["gpt", "llama"]
 Recompute = Literal["none", "selective", "full"]
@@ -59,16 +70,16 @@ class ModelSpec(Strict):
 
     name: Name
     arch: Arch
-    layers: PositiveInt
-    hidden: PositiveInt
-    heads: PositiveInt
-    kv_heads: PositiveInt | None = None
-    ffn: PositiveInt
-    vocab: PositiveInt
-    seq_len: PositiveInt
+    layers: Layers
+    hidden: Hidden
+    heads: Heads
+    kv_heads: Heads | None = None
+    ffn: Ffn
+    vocab: Vocab
+    seq_len: SeqLen
     dtype: Dtype = "bf16"
     tie_embeddings: bool = False
-    seconds_per_layer_per_sample: Annotated[float, Field(gt=0)] | None = None
+    seconds_per_layer_per_sample: bounded_float(1e-9, 3600, "s") | None = None
 
     @model_validator(mode="after")
     def _heads_fit(self) -> Self:
@@ -97,9 +108,9 @@ class ModelSpec(Strict):
 class TrainingSpec(Strict):
     """The job: samples per optimizer step, samples per microbatch, steps, recomputation."""
 
-    global_batch: PositiveInt
-    microbatch: PositiveInt
-    steps: PositiveInt
+    global_batch: GlobalBatch
+    microbatch: Microbatch
+    steps: bounded_int(1, 10**9)
     recompute: Recompute = "selective"
 
     @model_validator(mode="after")
@@ -108,6 +119,12 @@ class TrainingSpec(Strict):
             raise ValueError(
                 f"global_batch: {self.global_batch} is not divisible by "
                 f"microbatch {self.microbatch}"
+            )
+        if self.microbatches > MAX_MICROBATCHES:
+            raise ValueError(
+                f"global_batch: {self.global_batch} / microbatch {self.microbatch} is "
+                f"{self.microbatches} microbatches per step, more than {MAX_MICROBATCHES} "
+                "(raise the microbatch)"
             )
         return self
 
@@ -120,7 +137,7 @@ class TrainingSpec(Strict):
 class ModelConfig(Strict):
     """A whole model.yaml: version, model shape, training job."""
 
-    version: int
+    version: Version
     model: ModelSpec
     training: TrainingSpec
 
@@ -261,4 +278,5 @@ def load_model(name_or_path: str | Path) -> ModelConfig:
 
 
 def _looks_like_path(text: str) -> bool:
+    """A separator or a model-file suffix: meant as a file, never as a preset name."""
     return "/" in text or "\\" in text or text.endswith((".yaml", ".yml", ".json"))

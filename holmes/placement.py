@@ -61,7 +61,8 @@ def device_ids(topology: Topology) -> list[str]:
 
 
 def fabric_devices(topology: Topology, fabric: Fabric) -> list[str]:
-    return [d for d in device_ids(topology) if host_of(d) in fabric.hosts]
+    hosts = set(fabric.hosts)
+    return [d for d in device_ids(topology) if host_of(d) in hosts]
 
 
 def datacentre_layouts(

@@ -91,7 +91,8 @@ def _launch(topology: Topology, chosen: Estimate) -> list[LaunchHost]:
         devices = [f"{host.name}:{d.name}" for d in host.devices if f"{host.name}:{d.name}" in used]
         if devices:
             hosts.append((host, devices))
-    endpoint = f"{hosts[0][0].address or hosts[0][0].name}:{RDZV_PORT}"
+    first = hosts[0][0].address or hosts[0][0].name
+    endpoint = f"[{first}]:{RDZV_PORT}" if ":" in first else f"{first}:{RDZV_PORT}"
     return [LaunchHost(host=h.name, address=h.address or h.name, node_rank=i,
                        nproc_per_node=len(devices), devices=devices, rdzv_endpoint=endpoint)
             for i, (h, devices) in enumerate(hosts)]

@@ -47,6 +47,8 @@ from topology.errors import InputError
 from topology.schema import Topology
 
 ALLREDUCE_TOLERANCE = 1.10
+REFINE_BUDGET = 96_000
+MIN_REFINE_ROUNDS = 10
 Regime = Literal["auto", "datacentre", "geo"]
 Sync = Literal["auto", "allreduce", "diloco"]
 OptimizerSharding = Literal["zero1", "none"]
@@ -113,7 +115,8 @@ def decide(topology: Topology, config: ModelConfig, options: PlanOptions) -> Dec
             found = estimate(layout, partition, context, sync)
             candidates.append(found)
             if regime == "geo":
-                candidates.append(refine_by_simulation(found, context, options.refine_rounds))
+                candidates.append(refine_by_simulation(
+                    found, context, refine_rounds(options.refine_rounds, config)))
     if not candidates:
         # The deepest pipeline spreads the model thinnest: its shortfall is the one to show.
         raise max(errors, key=lambda e: e[0])[1] if errors else InputError("no layout fits")
@@ -194,6 +197,13 @@ def _geo(ctx: Context, options: PlanOptions) -> Layout:
         activation_bytes=costs.boundary_activation_bytes(model, training.microbatch),
         microbatches=training.microbatches)
     return geo_layout(devices, stages, ctx.network, geo_costs)
+
+
+def refine_rounds(wanted: int, config: ModelConfig) -> int:
+    """Each round simulates the whole step: at most REFINE_BUDGET simulated microbatches
+    in all (never fewer than MIN_REFINE_ROUNDS rounds), so a 4096-microbatch step still
+    plans in seconds while steps of up to 480 microbatches keep every round."""
+    return min(wanted, max(MIN_REFINE_ROUNDS, REFINE_BUDGET // config.training.microbatches))
 
 
 def refine_by_simulation(start: Estimate, ctx: Context, rounds: int, seed: int = 0) -> Estimate:

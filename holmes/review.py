@@ -1,11 +1,12 @@
 """Reading a plan back with the topology and model it was made for, and re-estimating it.
 
-`show` and `simulate` use this: the plan names its topology file and model file (both
-relative to the plan file, so it can be reviewed from any directory); the topology's
-sha256 must match the one in the plan (a plan made for another network is a clear
-refusal). The plan's own stages, layers and routes are simulated as written, on the
-hosts it planned with (without its `left_out` hosts) and with the NCCL network
-selection it was made for.
+`show`, `simulate` and `launch` use this: the plan names its topology file and model
+source (a preset, or a file relative to the plan file, so it can be reviewed from any
+directory). The topology's sha256 must match the one in the plan and hold every device
+of the plan; the model source must still describe the plan's `model` section (layers,
+widths, batch sizes, dtype). Either mismatch is one clear refusal naming the field. The
+plan's own stages, layers and routes are simulated as written, on the hosts it planned
+with (without its `left_out` hosts) and with the NCCL network selection it was made for.
 """
 
 from __future__ import annotations
@@ -38,20 +39,63 @@ def plan_topology(plan: Plan, plan_path: Path, topology_path: Path | None) -> To
         raise InputError(f"was made for topology {plan.topology_sha256[:12]}, but "
                          f"{topology_path} is {topology.sha256()[:12]} (changed since?)",
                          plan_path, "topology_sha256")
+    _check_devices(plan, plan_path, topology, topology_path)
     return topology
 
 
-def plan_model(plan: Plan, model: str | None, plan_path: Path | None = None) -> ModelConfig:
-    """`model` (a preset or a path as typed), else the plan's model: its `source` is a
-    preset name or a file relative to the plan file (`plan_path`)."""
+def _check_devices(plan: Plan, plan_path: Path, topology: Topology, topology_path: Path) -> None:
+    known = {f"{h.name}:{d.name}" for h in topology.hosts if h.status == "ok" for d in h.devices}
+    for i, host in enumerate(plan.launch):
+        for j, device in enumerate(host.devices):
+            if device not in known:
+                raise InputError(f"{device} is not a device of a reachable host in "
+                                 f"{topology_path}", plan_path, f"launch[{i}].devices[{j}]")
+
+
+def plan_model(plan: Plan, model: str | None, plan_path: Path) -> ModelConfig:
+    """`model` (a preset or a path as typed), else the plan's model source; either must
+    match the plan's `model` section."""
     if model is not None:
-        return load_model(model)
+        config = load_model(model)
+        check_model_matches(plan, plan_path, config, model, "--model")
+        return config
+    source = model_source(plan, plan_path)
+    config = load_model(source)
+    check_model_matches(plan, plan_path, config, str(source), "model.source")
+    return config
+
+
+def model_source(plan: Plan, plan_path: Path) -> str | Path:
+    """The plan's model: a preset name, or its file resolved from the plan's folder."""
     source = plan.model.source or plan.model.name
-    if plan_path is not None and source not in list_presets():
-        candidate = Path(source)
-        if not candidate.is_absolute():
-            return load_model(plan_path.parent / candidate)
-    return load_model(source)
+    if source in list_presets():
+        return source
+    path = Path(source)
+    return path if path.is_absolute() else plan_path.parent / path
+
+
+def check_plan_source(plan: Plan, plan_path: Path) -> None:
+    """`show` and `launch`, which need no model: if the plan's model source can still be
+    read, it must still match the plan (a model.yaml edited since the plan was made)."""
+    source = model_source(plan, plan_path)
+    if isinstance(source, Path) and not source.is_file():
+        return
+    check_model_matches(plan, plan_path, load_model(source), str(source), "model.source")
+
+
+def check_model_matches(plan: Plan, plan_path: Path, config: ModelConfig, source: str,
+                        field: str) -> None:
+    """InputError naming `field` when `config` is not the model the plan was made for."""
+    model, training = config.model, config.training
+    found = {"name": model.name, "layers": model.layers, "hidden": model.hidden,
+             "seq_len": model.seq_len, "microbatch": training.microbatch,
+             "global_batch": training.global_batch, "dtype": model.dtype}
+    for key, value in found.items():
+        planned = getattr(plan.model, key)
+        if planned != value:
+            raise InputError(f"{source} has {key} {value}, but the plan was made for "
+                             f"model.{key} {planned} (plan again, or pass the model it "
+                             "was made for)", plan_path, field)
 
 
 def planned_topology(plan: Plan, topology: Topology) -> Topology:

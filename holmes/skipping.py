@@ -6,6 +6,12 @@ tails) into a plain `PathProblem`, schedules collision-aware routes for every re
 and re-estimates the layout with those routes. Skipping needs the head and loss at the
 origin (a partial route ends where it began), so a layout with the head on its last
 stage is moved to `loss_at="origin"` and its layers are split again first.
+
+The route search simulates the replica's whole step once per iteration, so its time
+grows with iterations x microbatches; the iterations are cut to SEARCH_BUDGET simulated
+microbatches per replica (never below MIN_ITERATIONS), which keeps planning at the
+largest allowed batch (4096 microbatches) to seconds and leaves steps of up to 64
+microbatches per replica the full search.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from holmes.estimate import (
 from skippipe.paths import PathProblem, PathSchedule, schedule_paths
 
 DEFAULT_MAX_SWAPS = 2
+SEARCH_BUDGET = 96_000
+MIN_ITERATIONS = 20
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,12 @@ def path_problems(est: Estimate, ctx: Context, choice: SkipChoice,
     return problems
 
 
+def search_iterations(choice: SkipChoice, problem: PathProblem) -> int:
+    """The route search's iterations for `problem`: the choice's, within the budget."""
+    microbatches = sum(len(ids) for ids in problem.microbatches.values())
+    return min(choice.iterations, max(MIN_ITERATIONS, SEARCH_BUDGET // max(1, microbatches)))
+
+
 @dataclass
 class Skipped:
     """A layout with skip routes, the same layout with full routes (same layers and
@@ -80,7 +94,8 @@ def skip_estimate(est: Estimate, ctx: Context, choice: SkipChoice) -> Skipped:
     """`est` re-estimated with collision-aware skip routes in every replica."""
     base = with_origin_loss(est, ctx)
     caps = memory_in_flight(base.layout, base.partition, ctx)
-    schedules = [schedule_paths(problem, seed=choice.seed, iterations=choice.iterations)
+    schedules = [schedule_paths(problem, seed=choice.seed,
+                                iterations=search_iterations(choice, problem))
                  for problem in path_problems(base, ctx, choice, caps)]
     routes = [schedule.routes for schedule in schedules]
     description = (f"{base.layout.description}; skip ratio {choice.ratio:g}, "

@@ -92,13 +92,14 @@ BAD_CASES = [
     ("training.global_batch", 1002, "training.global_batch", "not divisible by microbatch"),
     ("training.microbatch", 3, "training.global_batch", "not divisible"),
     ("version", 2, "version", "unsupported version 2"),
-    ("model.layers", 0, "model.layers", "greater than 0"),
+    ("model.layers", 0, "model.layers", "must be a number in [1, 1024], got 0"),
     ("model.layers", 2.5, "model.layers", "integer"),
     ("model.dtype", "int4", "model.dtype", "bf16"),
     ("model.arch", "mamba", "model.arch", "gpt"),
     ("model.hidden", _DELETE, "model.hidden", "Field required"),
     ("training", _DELETE, "training", "Field required"),
-    ("model.seconds_per_layer_per_sample", -1.0, "model.seconds_per_layer_per_sample", "greater"),
+    ("model.seconds_per_layer_per_sample", -1.0, "model.seconds_per_layer_per_sample",
+     "must be a number in [1e-09, 3600] s, got -1"),
 ]
 
 

@@ -30,8 +30,8 @@ import psutil
 from pydantic import ValidationError
 
 from topology.errors import InputError
-from topology.schema import Device, Host, Nic, NicKind
-from topology.validation import describe_validation_error
+from topology.schema import Device, Gbps, Host, Mtu, Nic, NicKind
+from topology.validation import describe_validation_error, limit_of
 
 State = Literal["up", "down", "unknown"]
 
@@ -106,7 +106,12 @@ def parse_rate_gbps(rate: str | None) -> float | None:
 def _mbps_to_gbps(mbps: int | None) -> float | None:
     if mbps is None or mbps <= 0 or mbps in _UNKNOWN_MBPS:
         return None
-    return mbps / 1000
+    return _known_speed(mbps / 1000)
+
+
+def _known_speed(gbps: float | None) -> float | None:
+    """A speed the schema accepts; a driver's out-of-range figure counts as unknown."""
+    return gbps if gbps is not None and limit_of(Gbps).contains(gbps) else None
 
 
 def _port_state(text: str | None) -> State | None:
@@ -239,7 +244,7 @@ def _rdma_port_nic(root: Path, hca: str, port: int, live: LiveNetFacts) -> Nic |
     state = _port_state(_read(port_dir / "state"))
     if state is None:
         state = _netdev_state(net_dir) if net_dir else "unknown"
-    speed = parse_rate_gbps(_read(port_dir / "rate"))
+    speed = _known_speed(parse_rate_gbps(_read(port_dir / "rate")))
     if speed is None and netdev:
         speed = _netdev_speed_gbps(net_dir, netdev, live)
     virtual = _is_virtual(net_dir, root) if net_dir else not (hca_dir / "device").exists()
@@ -254,7 +259,7 @@ def _rdma_port_nic(root: Path, hca: str, port: int, live: LiveNetFacts) -> Nic |
         rdma_port=port,
         gid_index=roce_v2_gid_index(port_dir) if kind is NicKind.ROCE else None,
         addresses=live.addresses.get(netdev, []) if netdev else [],
-        mtu=_positive(_read_int(net_dir / "mtu")) if net_dir else None,
+        mtu=_mtu(net_dir) if net_dir else None,
     )
 
 
@@ -318,7 +323,7 @@ def _ethernet_nic(root: Path, netdev: str, live: LiveNetFacts) -> Nic:
         virtual=_is_virtual(net_dir, root),
         netdev=netdev,
         addresses=live.addresses.get(netdev, []),
-        mtu=_positive(_read_int(net_dir / "mtu")),
+        mtu=_mtu(net_dir),
     )
 
 
@@ -342,8 +347,9 @@ def _is_virtual(net_dir: Path, root: Path) -> bool:
     return any(parts[i : i + 2] == ("devices", "virtual") for i in range(len(parts) - 1))
 
 
-def _positive(value: int | None) -> int | None:
-    return value if value is not None and value > 0 else None
+def _mtu(net_dir: Path) -> int | None:
+    mtu = _read_int(net_dir / "mtu")
+    return mtu if mtu is not None and limit_of(Mtu).contains(mtu) else None
 
 
 def _with_unique_names(nics: list[Nic]) -> list[Nic]:

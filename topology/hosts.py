@@ -12,40 +12,35 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Self
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
+from topology.addresses import Endpoint, split_endpoint
 from topology.files import load_yaml_mapping
-from topology.protocol import parse_endpoint, zmq_url
-from topology.schema import Name, Site
-from topology.validation import Strict, validate_as
+from topology.protocol import DEFAULT_PORT, zmq_url
+from topology.schema import MAX_HOSTS, MAX_SITES, Name, Site
+from topology.validation import Strict, Version, validate_as
 
 HOSTS_VERSION = 1
 
 
 class HostEntry(Strict):
     name: Name
-    address: str
+    address: Endpoint
     site: Name | None = None
-
-    @field_validator("address")
-    @classmethod
-    def _endpoint(cls, value: str) -> str:
-        parse_endpoint(value)
-        return value
 
     @property
     def ip(self) -> str:
-        return parse_endpoint(self.address)[0]
+        return split_endpoint(self.address, DEFAULT_PORT)[0]
 
     @property
     def url(self) -> str:
-        return zmq_url(*parse_endpoint(self.address))
+        return zmq_url(*split_endpoint(self.address, DEFAULT_PORT))
 
 
 class HostsFile(Strict):
-    version: int
-    sites: list[Site] = Field(default_factory=list)
-    hosts: list[HostEntry] = Field(min_length=1)
+    version: Version
+    sites: list[Site] = Field(default_factory=list, max_length=MAX_SITES)
+    hosts: list[HostEntry] = Field(min_length=1, max_length=MAX_HOSTS)
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:

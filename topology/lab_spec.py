@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from topology.errors import InputError
 from topology.files import load_yaml_mapping
-from topology.validation import validate_as
+from topology.validation import Version, bounded_float, validate_as
 
 LAB_SPEC_VERSION = 1
 DEFAULT_BUILTIN = "lab-2x2"
@@ -41,7 +41,8 @@ DEFAULT_BUILTIN = "lab-2x2"
 LabName = Annotated[str, Field(min_length=1, max_length=12, pattern=r"^[a-z0-9][a-z0-9-]*$")]
 SiteName = Annotated[str, Field(min_length=1, max_length=8, pattern=r"^[a-z0-9][a-z0-9-]*$")]
 HostName = Annotated[str, Field(min_length=1, max_length=12, pattern=r"^[a-z0-9][a-z0-9-]*$")]
-RateMbit = Annotated[float, Field(gt=0, le=100_000)]
+# tc takes rates in whole kbit/s (`topology.lab.tc_rate`): 1 kbit/s is the least it can apply.
+RateMbit = bounded_float(0.001, 100_000, "Mbit/s")
 
 # Addresses are 10.77.<site index>.<host index>; .254 is the site router, 0 the WAN.
 MAX_SITES = 250
@@ -78,9 +79,9 @@ class LabWanLink(_Strict):
 class LabSpec(_Strict):
     """A whole lab: sites, WAN rates per site pair, and a short name."""
 
-    version: int
+    version: Version
     name: LabName
-    description: str | None = None
+    description: Annotated[str, Field(max_length=4096)] | None = None
     sites: Annotated[list[LabSite], Field(min_length=1, max_length=MAX_SITES)]
     wan: list[LabWanLink] = Field(default_factory=list)
     default_wan_mbit: RateMbit | None = None

@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import zmq
+from pydantic import ValidationError
 
 from topology.errors import InputError
 from topology.hosts import HostEntry, HostsFile
@@ -33,12 +34,13 @@ from topology.peer import AgentClient
 from topology.protocol import PeerError
 from topology.schema import (
     TOPOLOGY_VERSION,
+    Gbps,
     Host,
     Link,
     Measurement,
     Topology,
 )
-from topology.validation import validate_as
+from topology.validation import describe_validation_error, limit_of, validate_as
 
 Pair = tuple[str, str]
 ProgressFn = Callable[[str, int, int], None]
@@ -197,7 +199,12 @@ class Coordinator:
             backward = self._ask_measure(b, a, 0)
         except PeerError as exc:
             return Link(a=a, b=b, status="unreachable", reason=str(exc))
-        return _link_from(a, b, forward, backward, at, self.options.streams)
+        try:
+            return _link_from(a, b, forward, backward, at, self.options.streams)
+        except ValidationError as exc:
+            field, message = describe_validation_error(exc)
+            return Link(a=a, b=b, status="unreachable",
+                        reason=f"the agents reported an invalid {field}: {message}")
 
     def _ask_measure(self, source: str, target: str, pings: int) -> dict[str, Any]:
         options = self.options
@@ -213,8 +220,10 @@ class Coordinator:
                 timeout_s=options.timeout_s,
             )
         result = reply["result"]
-        if result["push"]["receiver_gbps"] <= 0:
-            raise PeerError(f"{source}->{target}: bulk transfer moved too little data to time")
+        gbps = result["push"]["receiver_gbps"]
+        if not isinstance(gbps, int | float) or not limit_of(Gbps).contains(round(gbps, 6)):
+            raise PeerError(f"{source}->{target}: bulk transfer rate {gbps!r} Gbit/s is outside "
+                            f"{limit_of(Gbps).describe()} (too little data to time?)")
         return result
 
     def _links_to_unreachable(self, found: dict[str, Host]) -> list[Link]:

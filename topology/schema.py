@@ -6,6 +6,8 @@ a fully checked `Topology` or raises one `InputError` naming the file and the fi
 
 Units: memory in GB (10^9 bytes), NIC speed and link bandwidth in Gbit/s, latency in
 milliseconds (one way). A NIC speed or device TFLOPS that is not known is left out.
+Every number has a sane range and every list a largest size (docs/limits.md); addresses
+are IP addresses or host names (`topology.addresses`).
 """
 
 from __future__ import annotations
@@ -18,16 +20,30 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
 import yaml
-from pydantic import Field, model_validator
+from pydantic import Field, PrivateAttr, model_validator
 
+from topology.addresses import Host as HostAddress
 from topology.files import load_yaml_mapping, write_text_atomic
-from topology.validation import Strict, validate_as
+from topology.validation import Strict, Version, bounded_float, bounded_int, validate_as
 
 TOPOLOGY_VERSION = 1
 
+# Sizes: the planner's time grows with them; beyond these a file is refused, not planned.
+MAX_HOSTS = 1024
+MAX_DEVICES_PER_HOST = 64
+MAX_DEVICES = 8192
+MAX_NICS_PER_HOST = 1024
+MAX_SITES = MAX_HOSTS
+MAX_LINKS = MAX_HOSTS * (MAX_HOSTS - 1) // 2
+
 Name = Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
 NicName = Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9][\w.:@-]*$")]
-Positive = Annotated[float, Field(gt=0)]
+Text = Annotated[str, Field(max_length=4096)]
+MemoryGB = bounded_float(0.001, 100_000, "GB")
+Tflops = bounded_float(1e-6, 100_000, "TFLOPS")
+Gbps = bounded_float(1e-6, 100_000, "Gbit/s")
+LatencyMs = bounded_float(0, 60_000, "ms")
+Mtu = bounded_int(1, 1 << 20, "bytes")
 
 
 class NicKind(StrEnum):
@@ -41,15 +57,16 @@ class Nic(Strict):
 
     name: NicName
     kind: NicKind
-    speed_gbps: Positive | None = None
+    speed_gbps: Gbps | None = None
     state: Literal["up", "down", "unknown"] = "unknown"
     virtual: bool = False
-    netdev: str | None = None
-    rdma_device: str | None = None
-    rdma_port: Annotated[int, Field(ge=1)] | None = None
-    gid_index: Annotated[int, Field(ge=0)] | None = None
-    addresses: list[str] = Field(default_factory=list)
-    mtu: Annotated[int, Field(gt=0)] | None = None
+    netdev: NicName | None = None
+    rdma_device: NicName | None = None
+    rdma_port: bounded_int(1, 255) | None = None
+    gid_index: bounded_int(0, 65_535) | None = None
+    addresses: list[Annotated[str, Field(max_length=128)]] = Field(default_factory=list,
+                                                                   max_length=256)
+    mtu: Mtu | None = None
 
 
 class Device(Strict):
@@ -57,28 +74,28 @@ class Device(Strict):
 
     name: Name
     kind: Literal["gpu", "cpu"]
-    model: str | None = None
-    memory_gb: Positive
-    tflops: Positive | None = None
+    model: Text | None = None
+    memory_gb: MemoryGB
+    tflops: Tflops | None = None
 
 
 class Site(Strict):
     name: Name
-    description: str | None = None
+    description: Text | None = None
 
 
 class Host(Strict):
     """A machine. A host the probe could not reach keeps its name with the reason."""
 
     name: Name
-    address: str | None = None
+    address: HostAddress | None = None
     site: Name | None = None
     status: Literal["ok", "unreachable"] = "ok"
-    reason: str | None = None
-    cpu_cores: Annotated[int, Field(gt=0)] | None = None
-    memory_gb: Positive | None = None
-    devices: list[Device] = Field(default_factory=list)
-    nics: list[Nic] = Field(default_factory=list)
+    reason: Text | None = None
+    cpu_cores: bounded_int(1, 100_000) | None = None
+    memory_gb: MemoryGB | None = None
+    devices: list[Device] = Field(default_factory=list, max_length=MAX_DEVICES_PER_HOST)
+    nics: list[Nic] = Field(default_factory=list, max_length=MAX_NICS_PER_HOST)
 
     @model_validator(mode="after")
     def _unique_parts(self) -> Self:
@@ -96,11 +113,11 @@ class Measurement(Strict):
 
     method: Literal["probe", "manual", "reference", "lab-config"]
     at: datetime | None = None
-    latency_samples: Annotated[int, Field(ge=0)] | None = None
-    bytes: Annotated[int, Field(ge=0)] | None = None
-    streams: Annotated[int, Field(ge=1)] | None = None
-    a_to_b_gbps: Positive | None = None
-    b_to_a_gbps: Positive | None = None
+    latency_samples: bounded_int(0, 1_000_000) | None = None
+    bytes: bounded_int(0, 10**15, "bytes") | None = None
+    streams: bounded_int(1, 1024) | None = None
+    a_to_b_gbps: Gbps | None = None
+    b_to_a_gbps: Gbps | None = None
 
 
 class Link(Strict):
@@ -112,9 +129,9 @@ class Link(Strict):
     a: Name
     b: Name
     status: Literal["ok", "unreachable"] = "ok"
-    latency_ms: Annotated[float, Field(ge=0)] | None = None
-    bandwidth_gbps: Positive | None = None
-    reason: str | None = None
+    latency_ms: LatencyMs | None = None
+    bandwidth_gbps: Gbps | None = None
+    reason: Text | None = None
     measured: Measurement | None = None
 
     @model_validator(mode="after")
@@ -132,11 +149,12 @@ class Link(Strict):
 
 
 class Topology(Strict):
-    version: int
-    name: str | None = None
-    sites: list[Site] = Field(default_factory=list)
-    hosts: list[Host]
-    links: list[Link] = Field(default_factory=list)
+    version: Version
+    name: Name | None = None
+    sites: list[Site] = Field(default_factory=list, max_length=MAX_SITES)
+    hosts: list[Host] = Field(max_length=MAX_HOSTS)
+    links: list[Link] = Field(default_factory=list, max_length=MAX_LINKS)
+    _by_name: dict[str, Host] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -146,11 +164,15 @@ class Topology(Strict):
             )
         _require_unique([s.name for s in self.sites], "sites", "site")
         _require_unique([h.name for h in self.hosts], "hosts", "host")
+        devices = sum(len(h.devices) for h in self.hosts)
+        if devices > MAX_DEVICES:
+            raise ValueError(f"hosts: {devices} devices in all, more than {MAX_DEVICES}")
         site_names = {s.name for s in self.sites}
         for i, host in enumerate(self.hosts):
             if host.site is not None and host.site not in site_names:
                 raise ValueError(f"hosts[{i}].site: unknown site '{host.site}'")
         self._check_links()
+        self._by_name = {host.name: host for host in self.hosts}
         return self
 
     def _check_links(self) -> None:
@@ -167,10 +189,7 @@ class Topology(Strict):
             seen[link.key()] = i
 
     def host(self, name: str) -> Host:
-        for host in self.hosts:
-            if host.name == name:
-                return host
-        raise KeyError(name)
+        return self._by_name[name]
 
     def link(self, a: str, b: str) -> Link | None:
         wanted = frozenset((a, b))
