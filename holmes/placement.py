@@ -221,6 +221,8 @@ class _GeoSearch:
 
     def run(self, rng: random.Random, rounds: int) -> list[list[str]]:
         groups = self._greedy_start()
+        if len(groups) < 2:  # one stage holds every node: there is nothing to swap
+            return groups
         cost = self.cost(groups)
         for _ in range(rounds):
             i, j = rng.sample(range(len(groups)), 2)

@@ -121,6 +121,10 @@ def decide(topology: Topology, config: ModelConfig, options: PlanOptions) -> Dec
         # The deepest pipeline spreads the model thinnest: its shortfall is the one to show.
         raise max(errors, key=lambda e: e[0])[1] if errors else InputError("no layout fits")
     chosen = _best(candidates, options.sync)
+    if options.sync == "diloco" and chosen.sync != "diloco":
+        raise InputError(f"DiLoCo needs two or more replicas, but every layout of the {regime} "
+                         "regime is one pipeline; pass --regime datacentre to make fabrics "
+                         "(sites) replicas, or leave --sync to the planner", field="--sync")
     decision = Decision(chosen, candidates, regime, fabrics, context, rejected,
                         left_out=left_out, source=source, selection_detail=detail)
     return _with_skipping(decision, options.skip) if options.skip else decision
@@ -211,6 +215,8 @@ def refine_by_simulation(start: Estimate, ctx: Context, rounds: int, seed: int =
     when the simulated step gets faster. The cost model of DT-FM ranks placements by
     link costs alone; the simulator also sees queueing, the loss trip back to the origin and
     the all-reduce tails, so it can still improve the DT-FM optimum."""
+    if len(start.layout.replicas[0]) < 2:  # one stage: no two stages to swap nodes between
+        return start
     rng = random.Random(seed)
     best, kept = start, 0
     for _ in range(rounds):

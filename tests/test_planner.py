@@ -207,3 +207,30 @@ def test_a_gpu_keeps_memory_for_the_cuda_context_and_nccl() -> None:
                       PlanOptions(nccl_net="per-communicator"))
     reserve = 0.8 + 4 * 0.6
     assert decision.context.memory_bytes("g1:gpu0") == pytest.approx((80 - reserve) * 1e9)
+
+
+def three_single_host_sites() -> Topology:
+    hosts = [{"name": f"{s}1", "site": s, "address": f"10.0.{i}.1", "cpu_cores": 2,
+              "memory_gb": 4, "devices": [{"name": "cpu0", "kind": "cpu", "memory_gb": 4,
+                                           "tflops": 0.05}],
+              "nics": [{"name": "eth0", "kind": "ethernet", "state": "up", "netdev": "eth0",
+                        "speed_gbps": 1.0}]} for i, s in enumerate("abc")]
+    links = [{"a": a["name"], "b": b["name"], "latency_ms": 10, "bandwidth_gbps": 0.05}
+             for i, a in enumerate(hosts) for b in hosts[i + 1:]]
+    return Topology.model_validate({"version": 1, "sites": [{"name": s} for s in "abc"],
+                                    "hosts": hosts, "links": links})
+
+
+def test_a_one_stage_geo_plan_has_nothing_to_swap_and_still_plans() -> None:
+    decision = decide(three_single_host_sites(), load_model("tiny-gpt"), PlanOptions(stages=1))
+    assert decision.regime == "geo" and decision.chosen.layout.stages == 1
+
+
+def test_forced_diloco_without_replicas_is_refused_naming_the_way_out() -> None:
+    with pytest.raises(InputError, match="--regime datacentre") as caught:
+        decide(three_single_host_sites(), load_model("tiny-gpt"),
+               PlanOptions(stages=1, sync="diloco"))
+    assert caught.value.field == "--sync"
+    forced = decide(three_single_host_sites(), load_model("tiny-gpt"),
+                    PlanOptions(stages=1, sync="diloco", regime="datacentre"))
+    assert forced.chosen.sync == "diloco" and len(forced.chosen.layout.replicas) == 3
