@@ -12,6 +12,7 @@ from rich.table import Table
 
 from cli.errors import reports_input_errors
 from holmes.estimate import DilocoChoice, Estimate
+from holmes.hf_config import builtin_names
 from holmes.model import list_presets, load_model
 from holmes.plan import Plan, load_plan, save_plan
 from holmes.plan_build import build_plan, summary
@@ -27,7 +28,9 @@ TOPOLOGY = click.Path(dir_okay=False, path_type=Path)
 @click.command()
 @click.argument("topology_file", type=TOPOLOGY)
 @click.option("-m", "--model", "model_name", required=True,
-              help=f"A model.yaml, or a preset: {', '.join(list_presets())}.")
+              help=f"A model.yaml, a preset ({', '.join(list_presets())}), or hf:SOURCE: a "
+              "Hugging Face config (a built-in: "
+              f"{', '.join(builtin_names())}; a config.json; or a model directory).")
 @click.option("-o", "--output", type=TOPOLOGY, required=True, help="Where to write plan.yaml.")
 @click.option("--sync", type=click.Choice(["auto", "allreduce", "diloco"]), default="auto",
               show_default=True, help="How replicas stay in step (auto: all-reduce unless "
