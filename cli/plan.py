@@ -13,6 +13,7 @@ from rich.table import Table
 from cli.errors import reports_input_errors
 from cli.options import FILE
 from holmes.estimate import GPU_RESERVED_GB, DilocoChoice, Estimate, usable_memory_gb
+from holmes.hf_config import builtin_names
 from holmes.hosts import CPU_HOST_FLAG
 from holmes.model import list_presets, load_model
 from holmes.plan import Plan, load_plan, save_plan
@@ -42,7 +43,9 @@ NAIVE_LIKE = "naive, the plan's replicas and sync"
 @click.command()
 @click.argument("topology_file", type=FILE)
 @click.option("-m", "--model", "model_name", required=True,
-              help=f"A model.yaml, or a preset: {', '.join(list_presets())}.")
+              help=f"A model.yaml, a preset ({', '.join(list_presets())}), or hf:SOURCE: a "
+              "Hugging Face config (a built-in: "
+              f"{', '.join(builtin_names())}; a config.json; or a model directory).")
 @click.option("-o", "--output", type=FILE, required=True, help="Where to write plan.yaml.")
 @click.option("--sync", type=click.Choice(["auto", "allreduce", "diloco"]), default="auto",
               show_default=True, help="How replicas stay in step (auto: all-reduce unless "

@@ -2,8 +2,9 @@
 
 Owns what a training job *is*: the transformer's shape (`ModelSpec`) and the job
 (`TrainingSpec`), bundled as a `ModelConfig`. `load_model(name_or_path)` accepts a
-path to a model.yaml or the name of a built-in preset (`list_presets()`), so
-`--model llama-7b` works without a file. Every wrong file becomes one `InputError`
+path to a model.yaml, the name of a built-in preset (`list_presets()`), so
+`--model llama-7b` works without a file, or `hf:SOURCE`, a Hugging Face config
+(`holmes.hf_config`). Every wrong file becomes one `InputError`
 naming the file and the field. What the shape costs (parameters, FLOPs, bytes) lives
 in `holmes.costs`.
 
@@ -39,6 +40,7 @@ from typing import Any, Literal, Self
 import yaml
 from pydantic import model_validator
 
+from holmes import hf_config
 from topology.errors import InputError
 from topology.files import load_yaml_mapping
 from topology.schema import Name
@@ -270,7 +272,10 @@ def load_model(name_or_path: str | Path) -> ModelConfig:
 
     An existing file wins over a preset of the same name. Something that looks like a
     path (a separator or a .yaml/.yml/.json suffix) and does not exist is "file not found".
+    `hf:SOURCE` derives the model.yaml from a Hugging Face config (`holmes.hf_config`).
     """
+    if hf_config.is_hf_source(str(name_or_path)):
+        return parse_model(hf_config.model_yaml(str(name_or_path)), str(name_or_path))
     path = Path(name_or_path)
     if path.is_file() or _looks_like_path(str(name_or_path)):
         return parse_model(load_yaml_mapping(path), path)

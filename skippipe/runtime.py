@@ -39,12 +39,19 @@ order (stages may be skipped or visited out of order), the output of ``nk`` goes
 ``o``, which runs ``head_loss`` and its backward, and the gradient travels back along
 the reversed route, ending with stage 0's blocks and the embedding at ``o``.
 
-**Order of work.** ``PipelineSchedule`` runs the simulator once (unit costs unless
+**Order of work.** ``PipelineSchedule`` runs the simulator (unit costs unless
 ``forward_s`` is given) and reads each node's compute tasks off the timeline, so every
-rank executes the simulator's 1F1B-style order, which respects ``memory_limit`` (at
-most that many microbatches between their forward and backward on a node). A rank
-runs its tasks one by one and blocks only to receive an input; sends are asynchronous.
-Executing every node's tasks in simulated order cannot deadlock: the simulated timeline
+rank executes a simulated 1F1B-style order, which respects ``memory_limit`` (at most
+that many microbatches between their forward and backward on a node). The simulator's
+greedy choices are not always the fastest order: with the head at the origin, an origin
+busy with forwards makes every loss wait (4 stages x 8 microbatches: 38 time units where
+an order that paces the forwards takes 34). So it is run for a few candidates, in-flight
+caps of ``stages - s + slack`` per stage-s node (within ``memory_limit``) and a guessed
+head + loss cost, and each candidate order is replayed (every node runs its order,
+waiting for each input) for head + loss costs of 0 to 1 forward; the order kept is the
+one whose worst ratio to the best replay is least (the plain order on ties). A rank runs
+its tasks one by one and blocks only to receive an input; sends are asynchronous.
+Executing every node's tasks in a simulated order cannot deadlock: a simulated timeline
 is a valid order of all tasks.
 
 **Messages.** Each hop carries one tensor of the activation shape: activations forward
@@ -73,6 +80,7 @@ Public names: ``SkippableModel``, ``forward_route``, ``Task``, ``Message``,
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -201,19 +209,105 @@ class PipelineSchedule:
                 if node not in self.stage_of:
                     raise ValueError(f"{what} names node {node!r}, which is in no stage")
         forward_s = {node: 1.0 for node in self.stage_of} | dict(self.forward_s or {})
+        orders = [self._simulate(forward_s, self.memory_limit, 0.0)]  # raises on a deadlock
+        for slack in _CAP_SLACK:
+            caps = self._caps(slack)
+            for loss in _LOSS_GUESSES:
+                try:
+                    order = self._simulate(forward_s, caps, loss)
+                except ValueError:  # these caps deadlock the routes: not a candidate
+                    continue
+                if order not in orders:
+                    orders.append(order)
+        return _fastest_in_the_worst_case(orders, self.routes, forward_s)
+
+    def _caps(self, slack: int) -> dict[str, int]:
+        """In-flight caps of a 1F1B-style order: a stage-s node holds at most
+        ``stages - s + slack`` microbatches, never more than ``memory_limit`` allows."""
+        limit = self.memory_limit or {}
+        stages = len(self.stages)
+        return {node: min(limit.get(node, stages + slack), stages - stage + slack)
+                for node, stage in self.stage_of.items()}
+
+    def _simulate(self, forward_s: dict[str, float], memory_limit: Mapping[str, int] | None,
+                  loss: float) -> dict[str, list[Task]]:
         spec = PipelineSpec(
             forward_s=forward_s,
             routes=self.routes,
             activation_bytes=0.0,
             latency_s=lambda src, dst: 0.0,
             bandwidth_Bps=lambda src, dst: 1.0,
-            memory_limit=self.memory_limit,
+            memory_limit=memory_limit,
+            loss_s={r.nodes[0]: loss * forward_s[r.nodes[0]] for r in self.routes},
         )
         tasks: dict[str, list[Task]] = {node: [] for node in self.stage_of}
         for event in simulate(spec).timeline:
             if event.kind in ("forward", "loss", "backward") and event.microbatch is not None:
                 tasks[event.node].append(Task(event.kind, event.microbatch))
         return tasks
+
+
+# Candidate orders (see "Order of work" in the module docstring): in-flight caps of
+# stages - s + slack per stage-s node, head + loss seconds guessed as these fractions of the
+# origin's forward, judged over these true fractions.
+_CAP_SLACK = (0, 1, 2, 3)
+_LOSS_GUESSES = (0.0, 0.25, 1.0)
+_LOSS_SCENARIOS = (0.0, 0.25, 0.5, 1.0)
+_BACKWARD_RATIO = 2.0
+
+
+def _fastest_in_the_worst_case(orders: list[dict[str, list[Task]]], routes: Sequence[Route],
+                               forward_s: Mapping[str, float]) -> dict[str, list[Task]]:
+    """The order whose replayed time is closest to the best one in every loss scenario
+    (the worst ratio is smallest); ties go to the earlier candidate (the plain order)."""
+    if len(orders) == 1:
+        return orders[0]
+    times = [[_replayed_seconds(order, routes, forward_s, loss) for loss in _LOSS_SCENARIOS]
+             for order in orders]
+    best = [min(column) for column in zip(*times, strict=True)]
+    regret = [max(t / b for t, b in zip(row, best, strict=True)) for row in times]
+    return orders[regret.index(min(regret))]
+
+
+def _replayed_seconds(tasks: Mapping[str, list[Task]], routes: Sequence[Route],
+                      forward_s: Mapping[str, float], loss: float) -> float:
+    """How long the runtime takes when every node runs its tasks in ``tasks`` order and
+    waits for each input (transfers free; a loss costs ``loss`` x the origin's forward);
+    ``math.inf`` if the orders wait on each other forever."""
+    by_mb = {r.microbatch: r for r in routes}
+    done: dict[tuple[str, TaskKind, int], float] = {}
+    clock = dict.fromkeys(tasks, 0.0)
+    position = dict.fromkeys(tasks, 0)
+    progress = True
+    while progress:
+        progress = False
+        for node, order in tasks.items():
+            while position[node] < len(order):
+                task = order[position[node]]
+                needs = _input_of(task, by_mb[task.microbatch], node)
+                if needs is not None and needs not in done:
+                    break
+                cost = forward_s[node] * {"forward": 1.0, "loss": loss,
+                                          "backward": _BACKWARD_RATIO}[task.kind]
+                clock[node] = max(clock[node], done.get(needs, 0.0)) + cost
+                done[(node, task.kind, task.microbatch)] = clock[node]
+                position[node] += 1
+                progress = True
+    if any(position[node] < len(order) for node, order in tasks.items()):
+        return math.inf
+    return max(clock.values())
+
+
+def _input_of(task: Task, route: Route, node: str) -> tuple[str, TaskKind, int] | None:
+    """The task whose output ``task`` needs (None: the microbatch's own data)."""
+    position, mb = route.nodes.index(node), task.microbatch
+    if task.kind == "forward":
+        return (route.nodes[position - 1], "forward", mb) if position else None
+    if task.kind == "loss":
+        return (route.nodes[-1], "forward", mb)
+    if position == len(route.nodes) - 1:
+        return (route.nodes[0], "loss", mb)
+    return (route.nodes[position + 1], "backward", mb)
 
 
 def _stage_of(stages: list[list[str]], layers: list[tuple[int, int]]) -> dict[str, int]:

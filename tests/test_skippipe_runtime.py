@@ -6,6 +6,7 @@ and compare every parameter gradient with a single-process reference computed he
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -19,9 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from skippipe.runtime import (  # noqa: E402
     PipelineRuntime,
     PipelineSchedule,
+    Task,
+    _replayed_seconds,
     forward_route,
 )
-from skippipe.simulate import Route  # noqa: E402
+from skippipe.simulate import PipelineSpec, Route, simulate  # noqa: E402
 
 MODEL = {"block_size": 8, "n_layer": 6, "n_head": 2, "n_embd": 16}
 TOLERANCE = 1e-5
@@ -286,3 +289,46 @@ def test_derived_order_respects_memory_caps_and_covers_every_task() -> None:
                 ["forward", "loss", "backward"] if node == "o" else ["forward", "backward"]
             )
         assert len(tasks) == len(visiting) * (3 if node == "o" else 2)
+
+
+# ---------------------------------------------------------------- the order of work
+
+
+def full_pipeline_schedule(**overrides: object) -> PipelineSchedule:
+    nodes = ["o", "a", "b", "c"]
+    fields: dict = dict(stages=[[n] for n in nodes], layers=[(i, i + 1) for i in range(4)],
+                        routes=[Route(mb, tuple(nodes)) for mb in range(8)],
+                        ranks={n: i for i, n in enumerate(nodes)})
+    return PipelineSchedule(**(fields | overrides))
+
+
+def test_replaying_the_simulated_order_takes_the_simulated_time() -> None:
+    s = full_pipeline_schedule()
+    units = dict.fromkeys(s.nodes, 1.0)
+    plain = s._simulate(units, None, 0.25)
+    spec = PipelineSpec(forward_s=units, routes=s.routes, activation_bytes=0.0,
+                        latency_s=lambda a, b: 0.0, bandwidth_Bps=lambda a, b: 1.0,
+                        loss_s={"o": 0.25})
+    assert _replayed_seconds(plain, s.routes, units, 0.25) == simulate(spec).iteration_s
+
+
+def test_the_kept_order_beats_the_plain_simulated_order_on_a_full_pipeline() -> None:
+    # The plain greedy order makes each loss at the origin wait behind a forward.
+    s = full_pipeline_schedule()
+    units = dict.fromkeys(s.nodes, 1.0)
+    plain = s._simulate(units, None, 0.0)
+    for loss in (0.0, 0.25, 1.0):
+        kept = _replayed_seconds(s.tasks, s.routes, units, loss)
+        assert kept < _replayed_seconds(plain, s.routes, units, loss) - 2.0, loss
+    capped = full_pipeline_schedule(memory_limit={"o": 2, "a": 2, "b": 2, "c": 2})
+    assert all(in_flight_peak(tasks) <= 2 for tasks in capped.tasks.values())
+
+
+def test_a_replay_of_orders_that_wait_on_each_other_never_ends() -> None:
+    s = full_pipeline_schedule(routes=[Route(0, ("o", "a")), Route(1, ("o", "a"))])
+    swapped = dict(s.tasks, a=[Task("forward", 1), Task("backward", 1),
+                               Task("forward", 0), Task("backward", 0)])
+    swapped["o"] = [Task("forward", 0), Task("forward", 1), Task("loss", 0),
+                    Task("loss", 1), Task("backward", 0), Task("backward", 1)]
+    assert _replayed_seconds(s.tasks, s.routes, dict.fromkeys(s.nodes, 1.0), 0.0) < math.inf
+    assert _replayed_seconds(swapped, s.routes, dict.fromkeys(s.nodes, 1.0), 0.0) == math.inf

@@ -15,6 +15,10 @@ It depends on the plan (`holmes.plan`), never the reverse: the planner modules o
 - `train_state`: a rank's state as those entries (written once, read under any plan);
   the collectives that save a step and resume the newest one every rank has intact.
 - `links`: which link class (intra_host, intra_site, inter_site) joins two ranks.
+- `hf`: Hugging Face causal LMs (Llama, Qwen2/3, Mistral, GPT-2) in the pipeline's model
+  contract (imports transformers only when a model is built; not imported here).
+- `data`: token streams a user brings (text folders, token files) and the batch of every
+  (step, microbatch).
 """
 
 from holmes.runtime.plan_run import Placement, PlanRun, exit_job
