@@ -84,6 +84,18 @@ class Site(Strict):
     description: Text | None = None
 
 
+class IntraHost(Strict):
+    """Bandwidth between the GPUs of this host (NVLink or PCIe): per GPU, both directions
+    together, as vendors publish it (`topology.intra_host`). `source`: `measured` (a
+    benchmark figure), `reported` (the link kind nvidia-smi reports, at the vendor's rate)
+    or `assumed` (from the GPU model name alone). A host without it is given the
+    figure of its GPU model when planning (assumed)."""
+
+    bandwidth_gbps: Gbps
+    source: Literal["measured", "reported", "assumed"]
+    detail: Text | None = None
+
+
 class Host(Strict):
     """A machine. A host the probe could not reach keeps its name with the reason."""
 
@@ -96,6 +108,7 @@ class Host(Strict):
     memory_gb: MemoryGB | None = None
     devices: list[Device] = Field(default_factory=list, max_length=MAX_DEVICES_PER_HOST)
     nics: list[Nic] = Field(default_factory=list, max_length=MAX_NICS_PER_HOST)
+    intra_host: IntraHost | None = None
 
     @model_validator(mode="after")
     def _unique_parts(self) -> Self:
