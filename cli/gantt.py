@@ -1,6 +1,7 @@
 """Drawing one simulated iteration as a Gantt chart (PNG or SVG, by the file's suffix).
 
-A row per device; a box per forward (light), loss and backward (dark), coloured by
+A row per device (a tensor-parallel group is one row: its GPUs run in lock step, the
+label names the group); a box per forward (light), loss and backward (dark), coloured by
 microbatch; each transfer is a grey line from the sender's row at its start to the
 receiver's row at its arrival; a data-parallel all-reduce tail is hatched.
 """
@@ -14,7 +15,8 @@ from skippipe.simulate import SimResult
 ALPHA = {"forward": 0.55, "loss": 1.0, "backward": 1.0}
 
 
-def draw_gantt(result: SimResult, rows: list[str], image_format: str, title: str) -> bytes:
+def draw_gantt(result: SimResult, rows: list[str], image_format: str, title: str,
+               labels: dict[str, str] | None = None) -> bytes:
     """The chart as the bytes of a `png` or `svg` file (the caller writes it)."""
     import matplotlib
 
@@ -40,7 +42,7 @@ def draw_gantt(result: SimResult, rows: list[str], image_format: str, title: str
         axes.barh(row_of[event.node], width, left=event.start, height=0.6,
                   color=colours(event.microbatch % 20), alpha=ALPHA[event.kind],
                   edgecolor="black", linewidth=0.3)
-    axes.set_yticks(range(len(rows)), rows)
+    axes.set_yticks(range(len(rows)), [(labels or {}).get(r, r) for r in rows])
     axes.invert_yaxis()
     axes.set_xlabel("seconds")
     axes.set_title(title)

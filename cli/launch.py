@@ -39,7 +39,7 @@ from cli.torchrun import (
     check_plan_hosts,
     host_ranks,
 )
-from holmes.plan import Plan, load_plan
+from holmes.plan import Plan, load_plan, tensor_parallel_refusal
 from holmes.review import check_plan_source, plan_topology
 from holmes.transports import missing_here
 from topology.errors import InputError
@@ -102,6 +102,8 @@ def launch(plan_file: Path, script: tuple[str, ...], via: Via, lab_name: str | N
     if not shlex.split(torchrun_command):
         raise InputError("may not be empty", field="--torchrun")
     plan = load_plan(plan_file)
+    if (refusal := tensor_parallel_refusal(plan)) is not None:
+        raise InputError(refusal, plan_file, "stages[].tensor_parallel")
     check_plan_hosts(plan, via)
     check_plan_source(plan, plan_file)
     _check_topology(plan, plan_file, topology_file, force)

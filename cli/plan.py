@@ -17,7 +17,13 @@ from holmes.hf_config import builtin_names
 from holmes.hosts import CPU_HOST_FLAG
 from holmes.model import list_presets, load_model
 from holmes.plan import Plan, load_plan, save_plan
-from holmes.plan_build import build_plan, idle_lines, left_out_lines, summary
+from holmes.plan_build import (
+    build_plan,
+    idle_lines,
+    left_out_lines,
+    summary,
+    tensor_parallel_line,
+)
 from holmes.planner import PlanOptions, decide, naive_estimate, naive_like_estimate
 from holmes.review import (
     check_plan_source,
@@ -73,6 +79,11 @@ NAIVE_LIKE = "naive, the plan's replicas and sync"
               help="How NCCL groups get their network: per communicator (ncclConfig_t "
               "net_name; needs a torch with ProcessGroupNCCL.Options().config.net_name) or "
               "per process (NCCL_NET). auto: what this machine's torch offers.")
+@click.option("--tensor-parallel", type=click.Choice(["auto", "1", "2", "4", "8"]),
+              default="auto", show_default=True,
+              help="Tensor-parallel degree inside hosts (Megatron); auto: the planner picks "
+              "among those dividing every host's devices in a stage. Plans with TP > 1 are "
+              "not launched yet (the runtime runs TP 1).")
 @click.option(CPU_HOST_FLAG, "include_cpu_hosts", is_flag=True,
               help="Use hosts without a GPU in a GPU job (the whole job then runs on gloo).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON on stdout.")
@@ -80,7 +91,7 @@ NAIVE_LIKE = "naive, the plan's replicas and sync"
 def plan(topology_file: Path, model_name: str, output: Path, sync: str, regime: str,
          stages: int | None, sync_every: int, fragments: int, quantization: str,
          skip_ratio: float | None, max_swaps: int, optimizer_sharding: str, nccl_net: str,
-         include_cpu_hosts: bool,
+         tensor_parallel: str, include_cpu_hosts: bool,
          as_json: bool) -> None:
     """Plan MODEL on TOPOLOGY_FILE: stages, layers, groups, NICs, sync; write plan.yaml."""
     check_output(output, topology_file, Path(model_name), field="-o")
@@ -98,7 +109,9 @@ def plan(topology_file: Path, model_name: str, output: Path, sync: str, regime: 
                                                                 sync_every - 1),
                                               quantization=quantization),
                           optimizer_sharding=optimizer_sharding, nccl_net=nccl_net,
-                          include_cpu_hosts=include_cpu_hosts)
+                          include_cpu_hosts=include_cpu_hosts,
+                          tensor_parallel=None if tensor_parallel == "auto"
+                          else int(tensor_parallel))
     topology = load_topology(topology_file)
     decision = decide(topology, load_model(model_name), options)
     relative = _relative_to(topology_file, output)
@@ -122,14 +135,14 @@ def _relative_to(path: Path, plan_file: Path) -> str:
 
 def _candidates_table(candidates: list[Estimate], chosen: Estimate) -> Table:
     table = Table(title="candidates (fastest first)")
-    for column in ("", "layout", "stages", "sync", "s/iter", "tokens/s", "bubble"):
+    for column in ("", "layout", "stages", "TP", "sync", "s/iter", "tokens/s", "bubble"):
         table.add_column(column, justify="left" if column in ("layout", "sync") else "right")
     for e in sorted(candidates, key=lambda e: e.step_s)[:CANDIDATE_ROWS]:
         table.add_row("*" if e is chosen else "", e.layout.description, str(e.layout.stages),
-                      e.sync, f"{e.step_s:.4g}", f"{e.tokens_per_s:,.0f}",
-                      f"{e.bubble_fraction:.0%}")
+                      str(e.layout.tensor_parallel), e.sync, f"{e.step_s:.4g}",
+                      f"{e.tokens_per_s:,.0f}", f"{e.bubble_fraction:.0%}")
     if len(candidates) > CANDIDATE_ROWS:
-        table.add_row("", f"… {len(candidates) - CANDIDATE_ROWS} more", "", "", "", "", "")
+        table.add_row("", f"… {len(candidates) - CANDIDATE_ROWS} more", "", "", "", "", "", "")
     return table
 
 
@@ -154,6 +167,7 @@ def show(plan_file: Path, topology_file: Path | None, gantt: Path | None, as_jso
         return
     topology = plan_topology(the_plan, plan_file, topology_file)
     console = Console()
+    console.print(tensor_parallel_line(the_plan), highlight=False)
     console.print(_stages_table(the_plan))
     console.print(_groups_table(the_plan))
     console.print(_load_table(the_plan))
@@ -172,24 +186,28 @@ def _draw(the_plan: Plan, plan_file: Path, topology, gantt: Path) -> None:  # no
 
     result = estimate_plan(the_plan, topology, plan_model(the_plan, None, plan_file))
     active = {event.node for event in result.simulation.timeline}
-    rows = [d for s in the_plan.replicas[0].stages for d in the_plan.stage(s).devices
+    rows = [d for s in the_plan.replicas[0].stages for d in the_plan.stage(s).leaders()
             if d in active]
+    labels = {g[0]: f"{g[0]}..{g[-1].split(':', 1)[1]} (TP {len(g)})"
+              for stage in the_plan.stages for g in stage.tp_groups() if len(g) > 1}
     image = draw_gantt(result.simulation, rows, gantt.suffix[1:],
                        f"{the_plan.model.name}: one iteration of replica 0, lane 0 "
-                       f"({result.iteration_s:.3g} s simulated)")
+                       f"({result.iteration_s:.3g} s simulated)", labels)
     write_bytes_atomic(gantt, image)
 
 
 def _stages_table(the_plan: Plan) -> Table:
+    degrees = sorted({s.tensor_parallel for s in the_plan.stages})
     table = Table(title=f"{the_plan.model.name}: {len(the_plan.replicas)} replica(s), "
-                  f"sync {the_plan.sync}")
-    for column in ("stage", "replica", "layers", "devices", "holds"):
+                  f"sync {the_plan.sync}, tensor parallel {'/'.join(map(str, degrees))}")
+    for column in ("stage", "replica", "layers", "devices", "TP x DP", "holds"):
         table.add_column(column)
     for stage in the_plan.stages:
         devices = ", ".join(stage.devices) if len(stage.devices) <= 4 else \
             f"{stage.devices[0]} … {stage.devices[-1]} ({len(stage.devices)})"
+        shape = f"{stage.tensor_parallel} x {len(stage.devices) // stage.tensor_parallel}"
         table.add_row(str(stage.id), str(stage.replica), f"[{stage.layers[0]}, {stage.layers[1]})",
-                      devices, ", ".join(stage.holds))
+                      devices, shape, ", ".join(stage.holds))
     return table
 
 

@@ -2,12 +2,17 @@
 
 Steps: find the fabrics; choose the regime (geo-distributed when there are three or more
 fabrics of at most two hosts each, data-centre islands otherwise); list candidate
-layouts; split the layers of each with the ILP; simulate it with each way to sync
-replicas; keep the fastest. Per-step all-reduce between replicas is kept where it costs
-at most ALLREDUCE_TOLERANCE more than streaming DiLoCo (DiLoCo changes the optimiser, so
-it must earn its place); the user can force either. `naive_estimate` is the
-Megatron-style baseline the benchmarks compare with (`naive_like_estimate` the same rank
-order with the plan's replicas and sync, to tell placement from sync gains).
+layouts, each also with every tensor-parallel degree that keeps TP groups inside hosts
+(`holmes.tensor_parallel`; data-centre regime); split the layers of each with the ILP;
+simulate it with each way to sync replicas; keep the fastest. Data-centre candidates are
+simulated in the order of a lower bound on their iteration (`estimate.lower_bound_s`:
+the slowest stage's work alone), and one whose bound exceeds ALLREDUCE_TOLERANCE x the
+fastest step found so far is skipped: it could not be chosen. Per-step all-reduce
+between replicas is kept where it costs at most ALLREDUCE_TOLERANCE more than streaming
+DiLoCo (DiLoCo changes the optimiser, so it must earn its place); the user can force
+either. `naive_estimate` is the Megatron-style baseline the benchmarks compare with
+(`naive_like_estimate` the same rank order with the plan's replicas and sync, to tell
+placement from sync gains).
 
 Hosts that cannot or should not take part (unreachable, no devices, CPU-only in a GPU
 job) are left out first (`holmes.hosts`), and links are estimated on the NCCL network
@@ -17,17 +22,21 @@ offers).
 
 from __future__ import annotations
 
+import math
 import random
+import time
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from holmes import costs
+from holmes import costs, tensor_parallel
 from holmes.estimate import (
     Context,
     DilocoChoice,
     Estimate,
     estimate,
+    lower_bound_s,
     partition_for,
+    stage_costs_for,
 )
 from holmes.fabric import Fabric, find_fabrics
 from holmes.hosts import LeftOut, left_out_hosts, without_hosts
@@ -67,6 +76,7 @@ class PlanOptions:
     optimizer_sharding: OptimizerSharding = "zero1"  # ZeRO-1 over each stage's data group
     nccl_net: NcclNet = "auto"
     include_cpu_hosts: bool = False
+    tensor_parallel: int | None = None  # None: the planner picks among TP_DEGREES
 
 
 @dataclass
@@ -87,9 +97,12 @@ class Decision:
     left_out: list[LeftOut] = field(default_factory=list)
     source: Topology | None = None
     selection_detail: str = ""
+    phases: dict[str, float] = field(default_factory=dict)  # wall seconds per step
+    skipped: int = 0  # layouts not simulated: their lower bound could not win
 
 
 def decide(topology: Topology, config: ModelConfig, options: PlanOptions) -> Decision:
+    clock = _Clock()
     left_out = left_out_hosts(topology, options.include_cpu_hosts)
     if len(left_out) == len(topology.hosts):
         reasons = "; ".join(f"{h.host}: {h.reason}" for h in left_out[:3])
@@ -101,22 +114,27 @@ def decide(topology: Topology, config: ModelConfig, options: PlanOptions) -> Dec
     context = Context(topology, fabrics, Network(topology, fabrics), config, options.diloco,
                       selection, options.optimizer_sharding)
     regime = _regime(fabrics, options.regime)
+    clock.lap("fabrics")
     layouts = _layouts(regime, context, options)
     layouts = [lay for lay in layouts if lay.stages <= config.model.layers] or layouts
-    candidates, rejected, errors = [], [], []
-    for layout in layouts:
-        try:
-            partition = partition_for(layout, context)
-        except InputError as exc:
-            rejected.append(f"{layout.description}: {exc.message}")
-            errors.append((layout.stages, exc))
-            continue
-        for sync in _syncs(layout, options.sync):
-            found = estimate(layout, partition, context, sync)
-            candidates.append(found)
-            if regime == "geo":
-                candidates.append(refine_by_simulation(
-                    found, context, refine_rounds(options.refine_rounds, config)))
+    clock.lap("layouts")
+    candidates, rejected, errors, skipped = [], [], [], 0
+    if regime == "geo":
+        for layout in layouts:
+            try:
+                partition = partition_for(layout, context)
+            except InputError as exc:
+                rejected.append(f"{layout.description}: {exc.message}")
+                errors.append((layout.stages, exc))
+                continue
+            for sync in _syncs(layout, options.sync):
+                found = estimate(layout, partition, context, sync)
+                candidates += [found, refine_by_simulation(
+                    found, context, refine_rounds(options.refine_rounds, config))]
+    else:
+        candidates, skipped = _datacentre_candidates(layouts, context, options, rejected,
+                                                     errors, clock)
+    clock.lap("ILP split and simulate")
     if not candidates:
         # The deepest pipeline spreads the model thinnest: its shortfall is the one to show.
         raise max(errors, key=lambda e: e[0])[1] if errors else InputError("no layout fits")
@@ -126,8 +144,69 @@ def decide(topology: Topology, config: ModelConfig, options: PlanOptions) -> Dec
                          "regime is one pipeline; pass --regime datacentre to make fabrics "
                          "(sites) replicas, or leave --sync to the planner", field="--sync")
     decision = Decision(chosen, candidates, regime, fabrics, context, rejected,
-                        left_out=left_out, source=source, selection_detail=detail)
+                        left_out=left_out, source=source, selection_detail=detail,
+                        phases=clock.laps, skipped=skipped)
     return _with_skipping(decision, options.skip) if options.skip else decision
+
+
+class _Clock:
+    """Wall seconds per planning step, for `Decision.phases` (bench/planning_time.py)."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = self.laps.get(name, 0.0) + now - self._last
+        self._last = now
+
+
+def _datacentre_candidates(layouts: list[Layout], ctx: Context, options: PlanOptions,
+                           rejected: list[str], errors: list[tuple[int, InputError]],
+                           clock: _Clock) -> tuple[list[Estimate], int]:
+    """Simulate the layouts that could be chosen, in the order of their lower bound
+    (`lower_bound_s`): a layout whose bound exceeds ALLREDUCE_TOLERANCE x the fastest step
+    so far is skipped, as it could neither be the fastest nor the all-reduce kept within
+    the tolerance. Where every stage's devices are alike, the bound is taken on the greedy
+    split, whose slowest stage is the ILP's (both are optimal); otherwise on the ILP's own.
+    Returns the candidates and how many layouts were skipped."""
+    bounded = []
+    for layout in layouts:
+        uniform = _uniform_stages(layout, ctx)
+        try:
+            split = partition_for(layout, ctx, method="greedy" if uniform else "auto")
+        except InputError as exc:
+            rejected.append(f"{layout.description}: {exc.message}")
+            errors.append((layout.stages, exc))
+            continue
+        stage_costs = stage_costs_for(layout, ctx) if uniform else None
+        bounded.append((lower_bound_s(layout, split, ctx, stage_costs), len(bounded), layout,
+                        None if uniform else split))
+    clock.lap("split and bound")
+    candidates: list[Estimate] = []
+    best, skipped = math.inf, 0
+    for bound, _, layout, split in sorted(bounded, key=lambda b: b[:2]):
+        if bound > ALLREDUCE_TOLERANCE * best * (1 + 1e-9):
+            skipped += 1
+            continue
+        partition = split or partition_for(layout, ctx)
+        for sync in _syncs(layout, options.sync):
+            candidates.append(estimate(layout, partition, ctx, sync))
+            best = min(best, candidates[-1].step_s)
+    return candidates, skipped
+
+
+def _uniform_stages(layout: Layout, ctx: Context) -> bool:
+    """Whether the devices of each stage (all replicas) have one speed and one GPU link."""
+    for s in range(layout.stages):
+        devices = [m for replica in layout.replicas for d in replica[s]
+                   for m in layout.members(d)]
+        kinds = {(ctx.tflops(d), ctx.network.intra_host(d.split(":", 1)[0])[0])
+                 for d in devices}
+        if len(kinds) > 1:
+            return False
+    return True
 
 
 def _selection(topology: Topology, fabrics: list[Fabric], wanted: NcclNet
@@ -184,7 +263,23 @@ def _layouts(regime: str, ctx: Context, options: PlanOptions) -> list[Layout]:
         layouts = [lay for lay in layouts if lay.stages == options.stages]
     if not layouts:
         raise InputError(f"no data-centre layout with {options.stages} stages", field="--stages")
-    return layouts
+    return _with_tp_candidates(layouts, options.tensor_parallel, ctx)
+
+
+def _with_tp_candidates(layouts: list[Layout], wanted: int | None, ctx: Context
+                        ) -> list[Layout]:
+    """Each layout at every TP degree whose groups stay inside hosts (TP 1 included), or
+    only at `wanted` when one is forced. Only GPUs form TP groups (NVLink or PCIe between
+    them); layouts with CPU devices stay at TP 1."""
+    allowed = tensor_parallel.TP_DEGREES if wanted is None else (wanted,)
+    found = [lay for lay in layouts if 1 in allowed]
+    found += [tensor_parallel.with_tensor_parallel(lay, t) for lay in layouts
+              if not any(ctx.is_cpu(d) for d in lay.devices())
+              for t in tensor_parallel.degrees(lay, allowed)]
+    if not found:
+        raise InputError(f"tensor parallel {wanted} does not divide the devices every host "
+                         "gives a stage in any layout", field="--tensor-parallel")
+    return found
 
 
 def _geo(ctx: Context, options: PlanOptions) -> Layout:
