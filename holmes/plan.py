@@ -439,8 +439,10 @@ class Plan(Strict):
         return json.dumps(self.to_plain(), indent=2)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_plain(), sort_keys=False, default_flow_style=None,
-                              width=110)
+        """libyaml's emitter where PyYAML has it (the same text, about 5x faster: a
+        16,384-GPU plan is tens of MB), else PyYAML's own."""
+        return yaml.dump(self.to_plain(), Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper),
+                         sort_keys=False, default_flow_style=None, width=110)
 
 
 def tensor_parallel_refusal(plan: Plan) -> str | None:
