@@ -15,6 +15,7 @@ its pairs (what keeps 2,048 hosts from being 2 million pair checks).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import networkx as nx
@@ -40,6 +41,11 @@ class Fabric:
     @property
     def rdma(self) -> bool:
         return self.kind in (NicKind.INFINIBAND, NicKind.ROCE)
+
+    @functools.cached_property
+    def host_set(self) -> frozenset[str]:
+        """`hosts` as a set: membership in O(1) (plans of thousands of hosts ask often)."""
+        return frozenset(self.hosts)
 
 
 def usable_nics(host: Host) -> list[Nic]:
@@ -134,4 +140,4 @@ def _fabric_of(topology: Topology, members: list[str]) -> Fabric:
 
 
 def fabric_of_host(fabrics: list[Fabric], host: str) -> Fabric:
-    return next(f for f in fabrics if host in f.hosts)
+    return next(f for f in fabrics if host in f.host_set)
