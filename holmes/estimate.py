@@ -372,6 +372,7 @@ def estimate(layout: Layout, partition: Partition, ctx: Context, sync: str,
                             for replica, share, first in zip(layout.replicas, shares,
                                                              _first_ids(shares), strict=True)]
     results = []
+    alike: dict[tuple, SimResult] = {}  # replicas whose simulated lane is the same
     bytes_per_step: Counter[str] = Counter()
     forced = socket_forced(layout, ctx, sync)
     for r, replica in enumerate(layout.replicas):
@@ -381,7 +382,12 @@ def estimate(layout: Layout, partition: Partition, ctx: Context, sync: str,
         lanes = min(len(replica[0]), len(routes)) if full and _lane_sampled(replica) else 1
         simulated = routes[_slowest_lane(replica, ctx, lanes)::lanes]
         spec = _spec(layout, replica, partition, ctx, simulated, lanes, forced, in_flight)
-        result = simulate(spec, record_timeline=timeline and r == 0)
+        key = _lane_key(spec, ctx)
+        result = alike.get(key) if key is not None else None
+        if result is None:
+            result = simulate(spec, record_timeline=timeline and r == 0)
+            if key is not None:
+                alike[key] = result
         results.append(result)
         for (a, b), nbytes in result.bytes_per_link.items():
             bytes_per_step[_link_class(ctx, a, b)] += nbytes * lanes
@@ -401,6 +407,28 @@ def estimate(layout: Layout, partition: Partition, ctx: Context, sync: str,
                                                                    in_flight),
         routes=all_routes, simulation=results[0], notes=notes,
         in_flight=dict(in_flight) if in_flight else None)
+
+
+def _lane_key(spec: PipelineSpec, ctx: Context) -> tuple | None:
+    """Everything the simulation of `spec` depends on when all its routes take one path
+    (a sampled lane): per stage its seconds, tail and memory cap, per hop its latency,
+    bandwidth and link class, the loss. Two replicas with equal keys simulate alike (a
+    layout of one replica per site or fabric has many), so one result serves both; None
+    when the routes differ (skipping, unequal widths)."""
+    paths = {route.nodes for route in spec.routes}
+    if len(paths) != 1:
+        return None
+    path = paths.pop()
+    hops = list(itertools.pairwise(path)) + ([(path[-1], path[0])]
+                                             if spec.loss_at == "origin" else [])
+    link = [(spec.latency_s(a, b), spec.bandwidth_Bps(a, b), spec.latency_s(b, a),
+             spec.bandwidth_Bps(b, a), _link_class(ctx, a, b)) for a, b in hops]
+    loss = spec.loss_s if isinstance(spec.loss_s, float) else \
+        tuple(spec.loss_s.get(d, 0.0) for d in path)
+    return (len(spec.routes), spec.activation_bytes, spec.backward_ratio, spec.loss_at, loss,
+            tuple(spec.forward_s[d] for d in path),
+            tuple((spec.tail_s or {}).get(d, 0.0) for d in path),
+            tuple((spec.memory_limit or {}).get(d) for d in path), tuple(link))
 
 
 def full_pipeline_specs(est: Estimate, ctx: Context,
