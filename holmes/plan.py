@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal, Self
 import yaml
 from pydantic import Field, PrivateAttr, model_validator
 
+from holmes.assumptions import CostAssumptions
 from holmes.model import MAX_MICROBATCHES, Dtype, GlobalBatch, Layers, Microbatch, SeqLen
 from holmes.model import Hidden as HiddenSize
 from topology.addresses import Endpoint
@@ -194,6 +195,7 @@ class Plan(Strict):
         default_factory=lambda: OptimizerSettings(sharding="none"))
     launch: list[LaunchHost] = Field(min_length=1, max_length=MAX_HOSTS)
     estimates: Estimates
+    costs: CostAssumptions | None = None  # the cost assumptions the estimates were made with
     left_out: list[LeftOutHost] = Field(default_factory=list, max_length=MAX_HOSTS)
     idle: list[IdleDevice] = Field(default_factory=list, max_length=MAX_WORLD)
     _stage_by_id: dict[int, Stage] = PrivateAttr(default_factory=dict)

@@ -74,6 +74,7 @@ def build_plan(decision: Decision, topology_file: str | None = None,
             bytes_per_step={k: round(v) for k, v in sorted(chosen.bytes_per_step.items())},
             memory_gb=chosen.memory_gb, bubble_fraction=round(chosen.bubble_fraction, 4),
             sync_s_per_step=round(chosen.sync_s_per_step, 6)),
+        costs=ctx.assumptions,
         left_out=[LeftOutHost(host=h.host, reason=h.reason) for h in decision.left_out],
         idle=idle_devices(decision),
     )
@@ -210,6 +211,7 @@ def summary(decision: Decision, plan: Plan, topology_name: str) -> list[str]:
                           for k, v in sorted(chosen.bytes_per_step.items())) or "none"
     lines.append(f"Estimated: {chosen.step_s:.4g} s/iteration, {chosen.tokens_per_s:,.0f} "
                  f"tokens/s, bubble {chosen.bubble_fraction:.0%}; bytes/step: {per_class}.")
+    lines.append(f"Cost assumptions: {decision.context.assumptions.summary()}.")
     if decision.context.network.assumed:
         lines.append(f"{len(decision.context.network.assumed)} host pairs had no measured link; "
                      "their fabric or Ethernet NIC speed was assumed.")

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from holmes import costs
+from holmes.assumptions import CostAssumptions, default_costs
 from holmes.estimate import (
     Context,
     DilocoChoice,
@@ -67,6 +68,7 @@ class PlanOptions:
     optimizer_sharding: OptimizerSharding = "zero1"  # ZeRO-1 over each stage's data group
     nccl_net: NcclNet = "auto"
     include_cpu_hosts: bool = False
+    costs: CostAssumptions | None = None  # None: the model's `costs:`, else `default`
 
 
 @dataclass
@@ -98,8 +100,9 @@ def decide(topology: Topology, config: ModelConfig, options: PlanOptions) -> Dec
     fabrics = find_fabrics(topology)
     _require_devices(topology, config)
     selection, detail = _selection(topology, fabrics, options.nccl_net)
+    assumptions = options.costs or config.costs or default_costs()
     context = Context(topology, fabrics, Network(topology, fabrics), config, options.diloco,
-                      selection, options.optimizer_sharding)
+                      selection, options.optimizer_sharding, assumptions)
     regime = _regime(fabrics, options.regime)
     layouts = _layouts(regime, context, options)
     layouts = [lay for lay in layouts if lay.stages <= config.model.layers] or layouts
@@ -253,29 +256,34 @@ def _best(candidates: list[Estimate], wanted: Sync) -> Estimate:
     return best_plain if best_plain.step_s <= ALLREDUCE_TOLERANCE * fastest.step_s else fastest
 
 
-def naive_estimate(topology: Topology, config: ModelConfig, like: Estimate) -> Estimate:
+def naive_estimate(topology: Topology, config: ModelConfig, like: Estimate,
+                   assumptions: CostAssumptions | None = None) -> Estimate:
     """What one would run without hetsched: Megatron's rank order on as many devices as
     `like` uses, with its pipeline depth, one pipeline whose data-parallel groups take
     devices / depth consecutive ranks, per-step all-reduce inside them, equal layers and
     NCCL's own transport (see `naive_shape_estimate`)."""
     stages = like.layout.stages
     return naive_shape_estimate(topology, config, stages,
-                                max(1, len(like.layout.devices()) // stages))
+                                max(1, len(like.layout.devices()) // stages),
+                                assumptions=assumptions)
 
 
 def naive_like_estimate(topology: Topology, config: ModelConfig, like: Estimate,
-                        diloco: DilocoChoice | None = None) -> Estimate:
+                        diloco: DilocoChoice | None = None,
+                        assumptions: CostAssumptions | None = None) -> Estimate:
     """The naive rank order cut into `like`'s replicas and synced like it: the plan and
     this differ only in placement and layer split (with one replica it is
     `naive_estimate`). `naive_estimate` / this is what the replicas and their sync gain."""
     replicas, stages = len(like.layout.replicas), like.layout.stages
     dp = max(1, len(like.layout.devices()) // (stages * replicas))
-    return naive_shape_estimate(topology, config, stages, dp, replicas, like.sync, diloco)
+    return naive_shape_estimate(topology, config, stages, dp, replicas, like.sync, diloco,
+                                assumptions)
 
 
 def naive_shape_estimate(topology: Topology, config: ModelConfig, stages: int, dp: int,
                          replicas: int = 1, sync: str = "allreduce",
-                         diloco: DilocoChoice | None = None) -> Estimate:
+                         diloco: DilocoChoice | None = None,
+                         assumptions: CostAssumptions | None = None) -> Estimate:
     """The naive placement of `replicas` x `stages` x `dp` devices. With one replica this
     is exactly Megatron's rank order for pipeline depth `stages`. Its links run where NCCL
     would put them by itself: RDMA between hosts of one RDMA fabric, sockets otherwise
@@ -286,7 +294,8 @@ def naive_shape_estimate(topology: Topology, config: ModelConfig, stages: int, d
     fabrics = find_fabrics(topology)
     network = Network(topology, fabrics)
     context = Context(topology, fabrics, network, config, diloco or DilocoChoice(),
-                      "per-communicator")
+                      "per-communicator",
+                      assumptions=assumptions or config.costs or default_costs())
     layout = naive_layout(topology, stages, dp, replicas)
     partition = partition_for(layout, context, equal=True)
     sync = (sync if sync != "none" else "allreduce") if replicas > 1 else "none"

@@ -22,9 +22,9 @@ from dataclasses import dataclass, replace
 from holmes.estimate import (
     Context,
     Estimate,
+    assumed_in_flight,
     estimate,
     full_pipeline_specs,
-    memory_in_flight,
     partition_for,
 )
 from skippipe.paths import PathProblem, PathSchedule, schedule_paths
@@ -57,9 +57,9 @@ def path_problems(est: Estimate, ctx: Context, choice: SkipChoice,
                   caps: Mapping[str, int] | None = None) -> list[PathProblem]:
     """One `PathProblem` per replica of `est` (whose loss must be at the origin); each
     device may hold `caps[device]` microbatches (default: as many as its memory allows,
-    `memory_in_flight`)."""
+    `memory_in_flight`, or the cost assumptions' number)."""
     problems = []
-    caps = caps if caps is not None else memory_in_flight(est.layout, est.partition, ctx)
+    caps = caps if caps is not None else assumed_in_flight(est.layout, est.partition, ctx, True)
     specs = full_pipeline_specs(est, ctx, caps)
     for stages, spec in zip(est.layout.replicas, specs, strict=True):
         origins = {d: [r.microbatch for r in spec.routes if r.nodes[0] == d]
@@ -93,7 +93,7 @@ class Skipped:
 def skip_estimate(est: Estimate, ctx: Context, choice: SkipChoice) -> Skipped:
     """`est` re-estimated with collision-aware skip routes in every replica."""
     base = with_origin_loss(est, ctx)
-    caps = memory_in_flight(base.layout, base.partition, ctx)
+    caps = assumed_in_flight(base.layout, base.partition, ctx, skipping=True)
     schedules = [schedule_paths(problem, seed=choice.seed,
                                 iterations=search_iterations(choice, problem))
                  for problem in path_problems(base, ctx, choice, caps)]
