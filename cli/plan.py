@@ -71,8 +71,9 @@ def _costs(option: str | None) -> CostAssumptions | None:
 @click.option("--skip-ratio", type=float, default=None,
               help="SkipPipe: each microbatch skips this fraction k in [0, 1) of the "
               "non-first stages; routes are chosen to avoid collisions (default: no skipping).")
-@click.option("--max-swaps", type=click.IntRange(0, 1024), default=DEFAULT_MAX_SWAPS,
-              show_default=True, help="SkipPipe: swaps of consecutive stages per route.")
+@click.option("--max-swaps", type=click.IntRange(0, 1024), default=None,
+              help="SkipPipe: swaps of consecutive stages per route (default: "
+              f"{DEFAULT_MAX_SWAPS}, or the non-first stages when there are fewer).")
 @click.option("--optimizer-sharding", type=click.Choice(["zero1", "none"]), default="zero1",
               show_default=True, help="zero1: each device keeps 1/n of its stage's optimizer "
               "state (n: the stage's data-parallel width); none: all of it. Memory follows.")
@@ -89,7 +90,7 @@ def _costs(option: str | None) -> CostAssumptions | None:
 @reports_input_errors
 def plan(topology_file: Path, model_name: str, output: Path, sync: str, regime: str,
          stages: int | None, sync_every: int, fragments: int, quantization: str,
-         skip_ratio: float | None, max_swaps: int, optimizer_sharding: str, nccl_net: str,
+         skip_ratio: float | None, max_swaps: int | None, optimizer_sharding: str, nccl_net: str,
          include_cpu_hosts: bool, costs_option: str | None,
          as_json: bool) -> None:
     """Plan MODEL on TOPOLOGY_FILE: stages, layers, groups, NICs, sync; write plan.yaml."""

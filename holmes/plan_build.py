@@ -198,13 +198,16 @@ def summary(decision: Decision, plan: Plan, topology_name: str) -> list[str]:
     lines = [
         f"hetsched plan for {model.name} on {topology_name} "
         f"(topology {plan.topology_sha256[:12]}).{idle_warning(plan)}",
-        f"Regime: {decision.regime}; {_count(len(fabrics), 'fabric')} ({sizes}).",
+        f"Regime: {decision.regime}"
+        f"{f' ({decision.regime_note})' if decision.regime_note else ''}; "
+        f"{_count(len(fabrics), 'fabric')} ({sizes}).",
         f"Layout: {layout.description}; {len(layout.replicas)} replica(s) x "
         f"{layout.stages} stages, layers per stage {list(chosen.partition.layers)} "
         f"({chosen.partition.method}).",
     ]
     lines += _sync_lines(decision)
     lines += _skip_lines(decision)
+    lines += [f"Note: {note}." for note in decision.notes]
     lines.append(_optimizer_line(decision))
     lines += transport_lines(plan, decision.selection_detail)
     per_class = ", ".join(f"{k} {v / 1e9:.3g} GB"
@@ -312,6 +315,9 @@ def _sync_lines(decision: Decision) -> list[str]:
                     "span fabrics, so their data-parallel all-reduce crosses fabrics too."]
         return [f"One replica over {len(used)} fabrics: data-parallel groups stay inside "
                 "their fabric; only pipeline traffic crosses fabrics."]
-    alternatives = {e.sync: e for e in decision.candidates if e.layout == chosen.layout}
+    alternatives = {e.sync: e for e in decision.candidates
+                    if e.layout.replicas == chosen.layout.replicas}
+    if decision.full_pipeline is not None:  # skip routes: the chosen sync's own figure
+        alternatives[chosen.sync] = chosen
     parts = [f"{sync} {e.step_s:.4g} s/step" for sync, e in sorted(alternatives.items())]
     return [f"Sync between replicas: {chosen.sync} ({'; '.join(parts)})."]

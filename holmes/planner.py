@@ -42,7 +42,7 @@ from holmes.placement import (
     geo_layout,
     naive_layout,
 )
-from holmes.skipping import SkipChoice, skip_estimate
+from holmes.skipping import SkipChoice, skip_estimate, skips_a_stage
 from holmes.transports import Selection, choose_selection
 from topology.errors import InputError
 from topology.schema import Topology
@@ -89,6 +89,17 @@ class Decision:
     left_out: list[LeftOut] = field(default_factory=list)
     source: Topology | None = None
     selection_detail: str = ""
+    regime_note: str = ""  # why this regime, when auto weighed more than one
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Search:
+    """Candidates found so far over one or more regimes, and what did not fit."""
+
+    candidates: list[Estimate] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)
+    errors: list[tuple[int, InputError]] = field(default_factory=list)
 
 
 def decide(topology: Topology, config: ModelConfig, options: PlanOptions) -> Decision:
@@ -103,34 +114,107 @@ def decide(topology: Topology, config: ModelConfig, options: PlanOptions) -> Dec
     assumptions = options.costs or config.costs or default_costs()
     context = Context(topology, fabrics, Network(topology, fabrics), config, options.diloco,
                       selection, options.optimizer_sharding, assumptions)
-    regime = _regime(fabrics, options.regime)
-    layouts = _layouts(regime, context, options)
-    layouts = [lay for lay in layouts if lay.stages <= config.model.layers] or layouts
-    candidates, rejected, errors = [], [], []
-    for layout in layouts:
-        try:
-            partition = partition_for(layout, context)
-        except InputError as exc:
-            rejected.append(f"{layout.description}: {exc.message}")
-            errors.append((layout.stages, exc))
-            continue
-        for sync in _syncs(layout, options.sync):
-            found = estimate(layout, partition, context, sync)
-            candidates.append(found)
-            if regime == "geo":
-                candidates.append(refine_by_simulation(
-                    found, context, refine_rounds(options.refine_rounds, config)))
-    if not candidates:
-        # The deepest pipeline spreads the model thinnest: its shortfall is the one to show.
-        raise max(errors, key=lambda e: e[0])[1] if errors else InputError("no layout fits")
-    chosen = _best(candidates, options.sync)
+    search = _Search()
+    wanted = _regimes(fabrics, options.regime)
+    for regime in wanted:
+        _search(regime, context, options, search)
+    why = _why_geo(search, options) if "geo" not in wanted and options.regime == "auto" else ""
+    if why:
+        _search("geo", context, options, search)
+    chosen, note = _choose(_pool(search, options), options, "geo" in wanted or bool(why))
+    regime = chosen.layout.regime
     if options.sync == "diloco" and chosen.sync != "diloco":
         raise InputError(f"DiLoCo needs two or more replicas, but every layout of the {regime} "
                          "regime is one pipeline; pass --regime datacentre to make fabrics "
                          "(sites) replicas, or leave --sync to the planner", field="--sync")
-    decision = Decision(chosen, candidates, regime, fabrics, context, rejected,
-                        left_out=left_out, source=source, selection_detail=detail)
+    decision = Decision(chosen, search.candidates, regime, fabrics, context, search.rejected,
+                        left_out=left_out, source=source, selection_detail=detail,
+                        regime_note="; ".join(part for part in (why, note) if part))
     return _with_skipping(decision, options.skip) if options.skip else decision
+
+
+def _search(regime: str, ctx: Context, options: PlanOptions, found: _Search) -> None:
+    """Add every layout of `regime` that fits, estimated with each sync, to `found`."""
+    try:
+        layouts = _layouts(regime, ctx, options)
+    except InputError as exc:
+        found.errors.append((-1, exc))
+        return
+    layouts = [lay for lay in layouts if lay.stages <= ctx.config.model.layers] or layouts
+    for layout in layouts:
+        try:
+            partition = partition_for(layout, ctx)
+        except InputError as exc:
+            found.rejected.append(f"{layout.description}: {exc.message}")
+            found.errors.append((layout.stages, exc))
+            continue
+        for sync in _syncs(layout, options.sync):
+            estimated = estimate(layout, partition, ctx, sync)
+            found.candidates.append(estimated)
+            if regime == "geo":
+                found.candidates.append(refine_by_simulation(
+                    estimated, ctx, refine_rounds(options.refine_rounds, ctx.config)))
+
+
+def _why_geo(found: _Search, options: PlanOptions) -> str:
+    """Why the auto regime must also look at one pipeline over every device (geo) when
+    skipping is asked for: the data-centre layouts lack the asked depth, or skipping would
+    skip nothing in them."""
+    skip = options.skip
+    if skip is None:
+        return ""
+    depths = sorted({e.layout.stages for e in found.candidates})
+    if options.stages is not None and options.stages not in depths:
+        return f"no data-centre layout has {options.stages} stages"
+    if not any(skips_a_stage(d, skip.ratio) for d in depths):
+        return (f"skip ratio {skip.ratio:g} skips no stage of a data-centre layout "
+                f"({'/'.join(map(str, depths)) or 'no'} stages)")
+    return ""
+
+
+def _pool(found: _Search, options: PlanOptions) -> list[Estimate]:
+    """The candidates the choice is made from: those where skipping applies when it is
+    asked for. None: the most telling refusal, in one line."""
+    pool = found.candidates
+    skip = options.skip
+    if skip is not None and pool:
+        pool = [e for e in pool if skips_a_stage(e.layout.stages, skip.ratio)]
+        if not pool:
+            depths = "/".join(str(d) for d in sorted({e.layout.stages
+                                                      for e in found.candidates}))
+            least = _least_stages(skip.ratio)
+            way_out = ("pass --regime geo (one pipeline over every device)"
+                       if options.regime == "datacentre" else
+                       f"pass --stages {least} or more" if least else "lower --skip-ratio")
+            raise InputError(f"skip ratio {skip.ratio:g} skips no stage of any layout "
+                             f"considered ({depths} stages; a route skips round(k (S - 1)) "
+                             f"of S - 1 stages): {way_out}", field="--skip-ratio")
+    if not pool:
+        # The deepest pipeline spreads the model thinnest: its shortfall is the one to show.
+        raise max(found.errors, key=lambda e: e[0])[1] if found.errors else \
+            InputError("no layout fits")
+    return pool
+
+
+def _least_stages(ratio: float, most: int = 64) -> int | None:
+    """The fewest stages in which skip ratio `ratio` skips a stage (None: none up to most)."""
+    return next((s for s in range(2, most + 1) if skips_a_stage(s, ratio)), None)
+
+
+def _choose(pool: list[Estimate], options: PlanOptions, weighed: bool) -> tuple[Estimate, str]:
+    """The best candidate of each regime (`_best`), then the faster of those; with
+    `weighed` (auto looked at both regimes) a note says what each estimated."""
+    regimes = sorted({e.layout.regime for e in pool})
+    bests = {r: _best([e for e in pool if e.layout.regime == r], options.sync) for r in regimes}
+    finalists = list(bests.values())
+    if options.sync == "diloco":
+        finalists = [e for e in finalists if e.sync == "diloco"] or finalists
+    chosen = min(finalists, key=lambda e: e.step_s)
+    if not weighed or len(bests) < 2:
+        return chosen, ""
+    figures = " vs ".join(f"{r} {e.tokens_per_s:,.0f} tokens/s ({e.sync})"
+                          for r, e in sorted(bests.items(), key=lambda kv: kv[1].step_s))
+    return chosen, f"auto weighed {figures} and took the faster"
 
 
 def _selection(topology: Topology, fabrics: list[Fabric], wanted: NcclNet
@@ -149,13 +233,14 @@ def _with_skipping(decision: Decision, choice: SkipChoice) -> Decision:
     """Give the chosen layout collision-aware skip routes (SkipPipe); keep its
     full-pipeline estimate (head at the origin, same memory) for comparison."""
     ctx = decision.context
+    choice, note = choice.fitted(decision.chosen.layout.stages)
     try:
         skipped = skip_estimate(decision.chosen, ctx, choice)
     except ValueError as exc:
         option = "--max-swaps" if str(exc).startswith("max swaps") else "--skip-ratio"
         raise InputError(str(exc), field=option) from exc
     return replace(decision, chosen=skipped.estimate, full_pipeline=skipped.full_pipeline,
-                   skip=choice)
+                   skip=choice, notes=decision.notes + ([note] if note else []))
 
 
 def _require_devices(topology: Topology, config: ModelConfig) -> None:
@@ -172,11 +257,14 @@ def _require_devices(topology: Topology, config: ModelConfig) -> None:
                          field="hosts[].devices[].tflops")
 
 
-def _regime(fabrics: list[Fabric], wanted: Regime) -> str:
+def _regimes(fabrics: list[Fabric], wanted: Regime) -> list[str]:
+    """The regimes to search: the one asked for; with auto, data-centre islands, and also
+    one geo pipeline when the fabrics are scattered (three or more, of at most two hosts
+    each), the faster estimate winning."""
     if wanted != "auto":
-        return wanted
+        return [wanted]
     scattered = len(fabrics) >= 3 and all(len(f.hosts) <= 2 for f in fabrics)
-    return "geo" if scattered else "datacentre"
+    return ["datacentre", "geo"] if scattered else ["datacentre"]
 
 
 def _layouts(regime: str, ctx: Context, options: PlanOptions) -> list[Layout]:
@@ -186,7 +274,8 @@ def _layouts(regime: str, ctx: Context, options: PlanOptions) -> list[Layout]:
     if options.stages is not None:
         layouts = [lay for lay in layouts if lay.stages == options.stages]
     if not layouts:
-        raise InputError(f"no data-centre layout with {options.stages} stages", field="--stages")
+        raise InputError(f"no data-centre layout with {options.stages} stages (pass --regime "
+                         "geo for one pipeline over every device)", field="--stages")
     return layouts
 
 

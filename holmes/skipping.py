@@ -39,9 +39,33 @@ class SkipChoice:
     """The user's skipping request: ratio k in [0, 1), swaps, search seed and effort."""
 
     ratio: float = 0.0
-    max_swaps: int = DEFAULT_MAX_SWAPS
+    max_swaps: int | None = None  # None: the user left it; DEFAULT_MAX_SWAPS where allowed
     seed: int = 0
     iterations: int = 1500
+
+    def swaps(self, stages: int) -> int:
+        """The swaps asked for; left unset, DEFAULT_MAX_SWAPS or the most `stages` allow
+        (a route can swap at most its non-first stages)."""
+        if self.max_swaps is not None:
+            return self.max_swaps
+        return min(DEFAULT_MAX_SWAPS, max(0, stages - 1))
+
+    def fitted(self, stages: int) -> tuple[SkipChoice, str | None]:
+        """This choice with its swaps fixed for a `stages`-stage pipeline, and a note when
+        an unset --max-swaps was lowered below its default."""
+        swaps = self.swaps(stages)
+        note = None
+        if self.max_swaps is None and swaps < DEFAULT_MAX_SWAPS:
+            note = (f"--max-swaps left unset: {swaps}, the most a {stages}-stage pipeline "
+                    f"allows (default {DEFAULT_MAX_SWAPS})")
+        return replace(self, max_swaps=swaps), note
+
+
+def skips_a_stage(stages: int, ratio: float) -> bool:
+    """Whether skip ratio `ratio` makes routes of a `stages`-stage pipeline skip anything:
+    each visits round((1 - k) (S - 1)) of the S - 1 non-first stages
+    (`skippipe.paths.PathProblem.visits_per_route`)."""
+    return stages >= 2 and round((1.0 - ratio) * (stages - 1)) < stages - 1
 
 
 def with_origin_loss(est: Estimate, ctx: Context) -> Estimate:
@@ -68,7 +92,7 @@ def path_problems(est: Estimate, ctx: Context, choice: SkipChoice,
             stages=stages, microbatches={d: ids for d, ids in origins.items() if ids},
             forward_s=spec.forward_s, activation_bytes=spec.activation_bytes,
             latency_s=spec.latency_s, bandwidth_Bps=spec.bandwidth_Bps,
-            skip_ratio=choice.ratio, max_swaps=choice.max_swaps,
+            skip_ratio=choice.ratio, max_swaps=choice.swaps(len(stages)),
             memory_limit=spec.memory_limit, backward_ratio=spec.backward_ratio,
             loss_s=spec.loss_s, tail_s=spec.tail_s))
     return problems
@@ -99,7 +123,7 @@ def skip_estimate(est: Estimate, ctx: Context, choice: SkipChoice) -> Skipped:
                  for problem in path_problems(base, ctx, choice, caps)]
     routes = [schedule.routes for schedule in schedules]
     description = (f"{base.layout.description}; skip ratio {choice.ratio:g}, "
-                   f"at most {choice.max_swaps} swaps")
+                   f"at most {choice.swaps(base.layout.stages)} swaps")
     layout = replace(base.layout, description=description)
     return Skipped(
         estimate=estimate(layout, base.partition, ctx, base.sync, routes=routes,
