@@ -174,6 +174,15 @@ class Estimates(Strict):
     sync_s_per_step: Seconds = 0.0
 
 
+class DepthEstimate(Strict):
+    """What the planner predicted for one pipeline depth it tried (its fastest layout)."""
+
+    regime: Literal["datacentre", "geo"]
+    stages: bounded_int(1, MAX_WORLD)
+    iteration_s: Seconds
+    tokens_per_s: bounded_float(0, 1e24, "tokens/s")
+
+
 class Plan(Strict):
     """A whole plan.yaml. Loading it cross-checks every section against the others
     (`_consistent`), so show, simulate, launch and the runtime all refuse the same
@@ -196,6 +205,7 @@ class Plan(Strict):
     launch: list[LaunchHost] = Field(min_length=1, max_length=MAX_HOSTS)
     estimates: Estimates
     costs: CostAssumptions | None = None  # the cost assumptions the estimates were made with
+    depths: list[DepthEstimate] = Field(default_factory=list, max_length=MAX_WORLD)
     left_out: list[LeftOutHost] = Field(default_factory=list, max_length=MAX_HOSTS)
     idle: list[IdleDevice] = Field(default_factory=list, max_length=MAX_WORLD)
     _stage_by_id: dict[int, Stage] = PrivateAttr(default_factory=dict)

@@ -20,6 +20,7 @@ from holmes.network import host_of
 from holmes.nics import group_env
 from holmes.plan import (
     PLAN_VERSION,
+    DepthEstimate,
     DilocoSettings,
     Estimates,
     Group,
@@ -75,6 +76,10 @@ def build_plan(decision: Decision, topology_file: str | None = None,
             memory_gb=chosen.memory_gb, bubble_fraction=round(chosen.bubble_fraction, 4),
             sync_s_per_step=round(chosen.sync_s_per_step, 6)),
         costs=ctx.assumptions,
+        depths=[DepthEstimate(regime=e.layout.regime, stages=e.layout.stages,
+                              iteration_s=round(e.step_s, 6),
+                              tokens_per_s=round(e.tokens_per_s, 1))
+                for e in decision.by_depth()],
         left_out=[LeftOutHost(host=h.host, reason=h.reason) for h in decision.left_out],
         idle=idle_devices(decision),
     )
@@ -205,6 +210,7 @@ def summary(decision: Decision, plan: Plan, topology_name: str) -> list[str]:
         f"{layout.stages} stages, layers per stage {list(chosen.partition.layers)} "
         f"({chosen.partition.method}).",
     ]
+    lines += _depth_lines(decision)
     lines += _sync_lines(decision)
     lines += _skip_lines(decision)
     lines += [f"Note: {note}." for note in decision.notes]
@@ -286,6 +292,17 @@ def transport_lines(plan: Plan, detail: str) -> list[str]:
            "NCCL_NET holds for every group of a process, so a process in any socket group "
            "runs all its groups on sockets")
     return [f"NCCL network {plan.nccl_net_selection} ({detail}): {how}; groups: {spread}."]
+
+
+def _depth_lines(decision: Decision) -> list[str]:
+    """Why this geo depth: each depth tried and its estimate, when more than one was."""
+    tried = [e for e in decision.by_depth() if e.layout.regime == "geo"]
+    if decision.regime != "geo" or len(tried) < 2:
+        return []
+    figures = ", ".join(f"{e.layout.stages}: {e.step_s:.4g} s" for e in tried)
+    costs = decision.context.assumptions.name
+    return [f"Depth: {decision.chosen.layout.stages} stages, the fastest geo depth estimated "
+            f"(full-pipeline s/iteration by stages, {costs} costs: {figures})."]
 
 
 def _skip_lines(decision: Decision) -> list[str]:

@@ -48,6 +48,8 @@ from topology.errors import InputError
 from topology.schema import Topology
 
 ALLREDUCE_TOLERANCE = 1.10
+GEO_MAX_STAGES = 8
+GEO_DEPTHS = 5  # geo depths tried without --stages: the deepest five up to GEO_MAX_STAGES
 REFINE_BUDGET = 96_000
 MIN_REFINE_ROUNDS = 10
 Regime = Literal["auto", "datacentre", "geo"]
@@ -91,6 +93,16 @@ class Decision:
     selection_detail: str = ""
     regime_note: str = ""  # why this regime, when auto weighed more than one
     notes: list[str] = field(default_factory=list)
+
+    def by_depth(self) -> list[Estimate]:
+        """The fastest candidate of each (regime, depth), in that order: what each depth
+        the planner tried is predicted to take (why this depth was chosen)."""
+        best: dict[tuple[str, int], Estimate] = {}
+        for e in self.candidates:
+            key = (e.layout.regime, e.layout.stages)
+            if key not in best or e.step_s < best[key].step_s:
+                best[key] = e
+        return [best[key] for key in sorted(best)]
 
 
 @dataclass
@@ -269,7 +281,7 @@ def _regimes(fabrics: list[Fabric], wanted: Regime) -> list[str]:
 
 def _layouts(regime: str, ctx: Context, options: PlanOptions) -> list[Layout]:
     if regime == "geo":
-        return [_geo(ctx, options)]
+        return [_geo(ctx, options, stages) for stages in geo_depths(ctx, options)]
     layouts = datacentre_layouts(ctx.topology, ctx.fabrics, ctx.network, options.max_stages)
     if options.stages is not None:
         layouts = [lay for lay in layouts if lay.stages == options.stages]
@@ -279,10 +291,18 @@ def _layouts(regime: str, ctx: Context, options: PlanOptions) -> list[Layout]:
     return layouts
 
 
-def _geo(ctx: Context, options: PlanOptions) -> Layout:
+def geo_depths(ctx: Context, options: PlanOptions) -> list[int]:
+    """The pipeline depths the geo regime tries: `--stages`, else the GEO_DEPTHS deepest
+    up to GEO_MAX_STAGES (and the devices and layers); the fastest estimate wins."""
+    if options.stages is not None:
+        return [options.stages]
+    deepest = min(len(device_ids(ctx.topology)), ctx.config.model.layers, GEO_MAX_STAGES)
+    return list(range(max(1, deepest - GEO_DEPTHS + 1), deepest + 1))
+
+
+def _geo(ctx: Context, options: PlanOptions, stages: int) -> Layout:
     devices = device_ids(ctx.topology)
     model, training = ctx.config.model, ctx.config.training
-    stages = options.stages or min(len(devices), model.layers, 8)
     if not 0 < stages <= len(devices):
         raise InputError(f"cannot make {stages} stages from {len(devices)} devices",
                          field="--stages")

@@ -12,7 +12,9 @@ import pytest
 import yaml
 from test_planner import three_single_host_sites
 
+from holmes.assumptions import load_costs
 from holmes.model import load_model
+from holmes.plan_build import build_plan, summary
 from holmes.planner import PlanOptions, decide
 from holmes.skipping import DEFAULT_MAX_SWAPS, SkipChoice, skips_a_stage
 from topology.errors import InputError
@@ -92,3 +94,15 @@ def test_auto_weighs_both_regimes_on_scattered_sites_and_takes_the_faster() -> N
     assert auto.regime == faster.regime and auto.chosen.step_s == faster.chosen.step_s
     assert auto.regime == "datacentre"  # DiLoCo replicas: ~3x the geo pipeline here
     assert "auto weighed datacentre" in auto.regime_note and "vs geo" in auto.regime_note
+
+
+def test_without_stages_geo_takes_its_fastest_depth_and_shows_every_depth() -> None:
+    decision = decide(load_topology(EXAMPLES / "geo12" / "topology.yaml"), load_model(MODEL),
+                      PlanOptions(regime="geo", refine_rounds=10, costs=load_costs("skippipe")))
+    tried = decision.by_depth()
+    assert [e.layout.stages for e in tried] == [4, 5, 6, 7, 8]
+    assert decision.chosen is min(tried, key=lambda e: e.step_s)
+    plan = build_plan(decision)
+    assert [(d.stages, d.iteration_s) for d in plan.depths] == \
+        [(e.layout.stages, round(e.step_s, 6)) for e in tried]
+    assert any(line.startswith("Depth: ") for line in summary(decision, plan, "geo12"))
