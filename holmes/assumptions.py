@@ -20,6 +20,9 @@ hard-code:
   device, or a mapping from `host:device`, host name, device kind (`gpu`, `cpu`) or
   `default` to a number; the most specific key wins.
 - `link_efficiency`: the share of each link's bandwidth transfers really get.
+- `data_parallel`: `counted` (hetsched's): each stage's data-parallel all-reduce runs
+  after its last backward and counts in the iteration; `ignored`: it does not (SkipPipe's
+  simulator scores the pipeline alone, the last backward back at its origin).
 
 Sources, most specific first: `--costs FILE|NAME` (a file holding a `costs:` section, or a
 profile shipped in `holmes/cost_profiles/`), the model.yaml's `costs:` section, the
@@ -62,6 +65,7 @@ class CostAssumptions(Strict):
     compute_efficiency: Efficiency | Annotated[
         dict[EfficiencyKey, Efficiency], Field(max_length=MAX_EFFICIENCY_KEYS)] = 1.0
     link_efficiency: Efficiency = 1.0
+    data_parallel: Literal["counted", "ignored"] = "counted"
 
     def efficiency(self, host: str, device: str, kind: str) -> float:
         """The compute efficiency of `host:device` (a `kind` device)."""

@@ -359,13 +359,19 @@ def full_pipeline_specs(est: Estimate, ctx: Context,
                         in_flight: Mapping[str, int] | None = None) -> list[PipelineSpec]:
     """Per replica of `est`, the simulator's input for its full-pipeline routes over every
     device (no lane sampling): the starting point of a path scheduler."""
-    shares = replica_microbatches(ctx.config, est.layout, ctx)
-    forced = socket_forced(est.layout, ctx, est.sync)
+    return layout_specs(est.layout, est.partition, est.sync, ctx, in_flight)
+
+
+def layout_specs(layout: Layout, partition: Partition, sync: str, ctx: Context,
+                 in_flight: Mapping[str, int] | None = None) -> list[PipelineSpec]:
+    """`full_pipeline_specs` of a layout not yet estimated (no simulation is run)."""
+    shares = replica_microbatches(ctx.config, layout, ctx)
+    forced = socket_forced(layout, ctx, sync)
     if in_flight is None:
-        in_flight = assumed_in_flight(est.layout, est.partition, ctx)
-    return [_spec(est.layout, replica, est.partition, ctx, routes_of(replica, share, first), 1,
+        in_flight = assumed_in_flight(layout, partition, ctx)
+    return [_spec(layout, replica, partition, ctx, routes_of(replica, share, first), 1,
                   forced, in_flight)
-            for replica, share, first in zip(est.layout.replicas, shares, _first_ids(shares),
+            for replica, share, first in zip(layout.replicas, shares, _first_ids(shares),
                                              strict=True)]
 
 
@@ -378,7 +384,8 @@ def _spec(layout: Layout, replica: Stages, partition: Partition, ctx: Context,
     used = {d for route in routes for d in route.nodes}
     for s, stage in enumerate(replica):
         allreduce = _stage_allreduce_s(stage, partition.layers[s], _holds(layout, s), ctx,
-                                       forced)
+                                       forced) if ctx.assumptions.data_parallel == "counted" \
+            else 0.0
         for device in (d for d in stage if d in used):
             forward[device] = partition.layers[s] * ctx.microbatch * ctx.layer_forward_s(device)
             tails[device] = allreduce

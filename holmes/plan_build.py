@@ -301,8 +301,8 @@ def _depth_lines(decision: Decision) -> list[str]:
         return []
     figures = ", ".join(f"{e.layout.stages}: {e.step_s:.4g} s" for e in tried)
     costs = decision.context.assumptions.name
-    return [f"Depth: {decision.chosen.layout.stages} stages, the fastest geo depth estimated "
-            f"(full-pipeline s/iteration by stages, {costs} costs: {figures})."]
+    return [f"Depth: {decision.chosen.layout.stages} stages (geo depths tried, full-pipeline "
+            f"s/iteration under {costs} costs: {figures})."]
 
 
 def _skip_lines(decision: Decision) -> list[str]:

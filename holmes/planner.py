@@ -42,7 +42,11 @@ from holmes.placement import (
     geo_layout,
     naive_layout,
 )
-from holmes.skipping import SkipChoice, skip_estimate, skips_a_stage
+from holmes.skipping import (
+    SkipChoice,
+    skip_estimate,
+    skips_a_stage,
+)
 from holmes.transports import Selection, choose_selection
 from topology.errors import InputError
 from topology.schema import Topology
