@@ -82,40 +82,11 @@ def allreduces_per_layer(recompute: Recompute) -> int:
     return 4 + (2 if recompute == "full" else 0)
 
 
-def layer_train_seconds(model: ModelSpec, microbatch: int, tflops: float | None,
-                        recompute: Recompute, t: int, latency_s: float,
-                        bandwidth_bytes_per_s: float) -> float:
-    """Forward + backward seconds of one layer for one microbatch on a TP group of t."""
-    compute = costs.layer_train_seconds(model, microbatch, tflops, recompute)
-    if t == 1:
-        return compute
-    comm = allreduces_per_layer(recompute) * activation_allreduce_seconds(
-        model, microbatch, t, latency_s, bandwidth_bytes_per_s)
-    return compute / t + comm
-
-
-def layer_forward_seconds(model: ModelSpec, microbatch: int, tflops: float | None,
-                          recompute: Recompute, t: int, latency_s: float,
-                          bandwidth_bytes_per_s: float) -> float:
-    """The forward share of `layer_train_seconds` for one microbatch: the simulator runs a
-    backward of (train factor - 1) forwards, so the TP all-reduces are spread in the same
-    proportion and forward + backward add up to `layer_train_seconds` exactly."""
-    if t == 1:
-        return microbatch * costs.layer_forward_seconds(model, tflops)
-    total = layer_train_seconds(model, microbatch, tflops, recompute, t, latency_s,
-                                bandwidth_bytes_per_s)
-    return total / costs.train_time_factor(recompute)
-
-
-def head_train_seconds(model: ModelSpec, microbatch: int, tflops: float | None, t: int,
-                       latency_s: float, bandwidth_bytes_per_s: float) -> float:
-    """Head and loss, forward + backward, for one microbatch on a TP group of t: the
-    vocab-parallel projection's FLOPs / t, and one all-reduce of its input gradient."""
-    compute = costs.head_train_seconds(model, microbatch, tflops)
-    if t == 1:
-        return compute
-    return compute / t + activation_allreduce_seconds(model, microbatch, t, latency_s,
-                                                      bandwidth_bytes_per_s)
+def split_seconds(seconds: float, t: int, allreduces: int, allreduce_s: float) -> float:
+    """Seconds of work that takes `seconds` on one GPU when split over a TP group of t:
+    seconds / t plus `allreduces` activation all-reduces of `allreduce_s` each (a layer:
+    `allreduces_per_layer`; the head: 1, its input gradient); unchanged at t = 1."""
+    return seconds if t == 1 else seconds / t + allreduces * allreduce_s
 
 
 def allreduce_bytes_per_layer(model: ModelSpec, microbatch: int, recompute: Recompute,

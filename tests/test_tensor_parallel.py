@@ -12,8 +12,8 @@ import yaml
 from click.testing import CliRunner
 
 from cli.main import cli
-from holmes import costs, tensor_parallel
-from holmes.estimate import GPU_RESERVED_GB
+from holmes import tensor_parallel
+from holmes.estimate import GPU_RESERVED_GB, _tp_layer_s, tp_link
 from holmes.model import load_model
 from holmes.placement import Layout
 from holmes.plan import Plan, load_plan
@@ -55,14 +55,26 @@ def test_layer_cost_by_hand() -> None:
     tflops, t, latency, each_way = 150.0, 4, 5e-6, 300e9  # A100 NVLink: 600 GB/s, 300 each way
     activations = s * h * 2  # b = 1, bf16
     allreduce = 2 * (t - 1) / t * activations / each_way + 2 * (t - 1) * latency
-    by_hand = 3 * forward_flops / (tflops * 1e12) / t + 4 * allreduce
-    got = tensor_parallel.layer_train_seconds(model, 1, tflops, "selective", t, latency, each_way)
-    assert got == pytest.approx(by_hand, rel=1e-12)
-    full = tensor_parallel.layer_train_seconds(model, 1, tflops, "full", t, latency, each_way)
-    assert full == pytest.approx(4 * forward_flops / (tflops * 1e12) / t + 6 * allreduce)
-    assert tensor_parallel.layer_train_seconds(model, 1, tflops, "selective", 1, latency,
-                                               each_way) == costs.layer_train_seconds(
-        model, 1, tflops, "selective")
+    got = tensor_parallel.activation_allreduce_seconds(model, 1, t, latency, each_way)
+    assert got == pytest.approx(allreduce, rel=1e-12)
+    train = 3 * forward_flops / (tflops * 1e12)
+    selective = tensor_parallel.allreduces_per_layer("selective")
+    full = tensor_parallel.allreduces_per_layer("full")
+    assert (selective, full) == (4, 6)
+    assert tensor_parallel.split_seconds(train, t, selective, allreduce) == pytest.approx(
+        train / t + 4 * allreduce)
+    assert tensor_parallel.split_seconds(train, 1, selective, allreduce) == train
+
+
+def test_the_estimate_uses_the_host_link() -> None:
+    ctx = seventy_b(None).context
+    device = "ib00:cuda0"
+    latency, each_way = tp_link(ctx, device)
+    assert each_way == 600e9 / 2  # A100 SXM4: 600 GB/s per GPU, half each way
+    model = ctx.config.model
+    allreduce = tensor_parallel.activation_allreduce_seconds(model, 1, 2, latency, each_way)
+    assert _tp_layer_s(ctx, 2, device) == pytest.approx(
+        ctx.layer_train_s(device) / 2 + 6 * allreduce)  # llama-70b: full recomputation
 
 
 @functools.cache
