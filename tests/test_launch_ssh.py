@@ -13,17 +13,23 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import shutil
 import stat
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
+import test_launch_ssh_lab as lab
 from test_launch import edit_plan, hetsched, make_plan, two_local_topology
 
 from cli.remote import SshOptions, remote_check, remote_command, ssh_argv
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # Each must reach the program as one word, unchanged; none may run anything.
 HOSTILE = ["$(touch PWNED1)", ";touch PWNED2", "`touch PWNED3`", "a b", "'", '"', "\\",
@@ -177,3 +183,29 @@ def test_the_default_workdir_is_this_directory(ssh_plan: Path, tmp_path: Path) -
         assert words == f"cd -- {tmp_path}"
         assert "'torchrun' --nnodes" not in host["remote_command"]
         assert " torchrun --nnodes 2 " in host["remote_command"]
+
+
+def doc_commands(text: str) -> list[list[str]]:
+    """Every command line of the page's ```sh blocks (continuations joined), as words."""
+    commands: list[list[str]] = []
+    for block in re.findall(r"```sh\n(.*?)```", text, flags=re.S):
+        joined = re.sub(r"\\\n\s*", " ", textwrap.dedent(block))
+        commands.extend(shlex.split(line) for line in joined.splitlines() if line.strip())
+    return commands
+
+
+def test_the_walkthrough_is_what_the_lab_test_runs() -> None:
+    """docs/launch.md shows the very commands and files test_launch_ssh_lab.py uses."""
+    text = (ROOT / "docs" / "launch.md").read_text()
+    commands = doc_commands(text)
+    keys, repo = "$KEYS", "$REPO"
+    assert lab.plan_argv(["hetsched"]) in commands
+    assert lab.keygen_argv(f"{keys}/id_ed25519") in commands
+    assert lab.keygen_argv(f"{keys}/host_ed25519") in commands
+    assert lab.sshd_argv("$NS", keys, "$ADDR", "$HOST") in commands
+    assert lab.launch_argv(["hetsched"], f"{repo}/.venv/bin/python", keys,
+                           f"{repo}/examples/train_tinygpt.py") in commands
+    assert lab.SSHD_CONFIG.format(keys=keys) in text
+    assert lab.SSH_CONFIG.format(keys=keys) in text
+    assert lab.JOB_DIR in text
+    assert "[docs/launch.md](docs/launch.md)" in (ROOT / "README.md").read_text()

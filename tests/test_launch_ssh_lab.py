@@ -78,6 +78,7 @@ StrictHostKeyChecking yes
 TCP_LISTEN = "0A"
 SSH_PORT_HEX = "0016"
 WAIT_S = 60
+HETSCHED = [sys.executable, "-m", "cli"]  # the `hetsched` of the docs, from this checkout
 
 
 def sshd_missing_reason() -> str | None:
@@ -118,19 +119,36 @@ class SshLab:
 
     state: LabState
     keys: Path
-    config: Path
-    identity: Path
     daemons: tuple[Sshd, ...]
 
     def login_namespace(self) -> str:
         return self.state.host("a1").namespace
 
 
+# The commands of docs/launch.md's walkthrough, with its placeholders as arguments
+# (tests/test_launch_ssh.py checks that the page shows exactly these words).
+def keygen_argv(path: str) -> list[str]:
+    return ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "hetsched-job", "-f", path]
+
+
+def sshd_argv(namespace: str, keys: str, address: str, host: str) -> list[str]:
+    return ["ip", "netns", "exec", namespace, str(SSHD), "-D", "-e",
+            "-f", f"{keys}/sshd_config", "-o", f"ListenAddress={address}",
+            "-o", f"PidFile={keys}/sshd-{host}.pid"]
+
+
+def launch_argv(hetsched: list[str], python: str, keys: str, train: str) -> list[str]:
+    return [*hetsched, "launch", "plan.yaml", "--via", "ssh", "--python", python,
+            "--ssh-config", f"{keys}/ssh_config", "--identity", f"{keys}/id_ed25519",
+            "--ssh-user", "root", "--", train, "--steps", "4", "--log-every", "1",
+            "--corpus-bytes", "200000", "--checkpoint-dir", "checkpoints",
+            "--checkpoint-every", "4", "--metrics", "metrics.json"]
+
+
 def make_keys(keys: Path, hosts: list[LabHost]) -> None:
     """A job key (authorized on every host), a host key, and the client's known_hosts."""
     for name in ("id_ed25519", "host_ed25519"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "hetsched-test",
-                        "-f", str(keys / name)], check=True, timeout=60)
+        subprocess.run(keygen_argv(str(keys / name)), check=True, timeout=60)
     shutil.copy(keys / "id_ed25519.pub", keys / "authorized_keys")
     host_key = (keys / "host_ed25519.pub").read_text().split()[:2]
     addresses = ",".join(h.address for h in hosts)
@@ -143,9 +161,7 @@ def start_sshd(host: LabHost, keys: Path) -> Sshd:
     log = keys / f"sshd-{host.name}.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
-            ["ip", "netns", "exec", host.namespace, str(SSHD), "-D", "-e",
-             "-f", str(keys / "sshd_config"), "-o", f"ListenAddress={host.address}",
-             "-o", f"PidFile={keys}/sshd-{host.name}.pid"],
+            sshd_argv(host.namespace, str(keys), host.address, host.name),
             stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
     return Sshd(host, process, log)
 
@@ -214,11 +230,14 @@ def demo_topology(spec: LabSpec) -> dict[str, Any]:
             "links": links}
 
 
+def plan_argv(hetsched: list[str]) -> list[str]:
+    return [*hetsched, "plan", "topology.yaml", "-m", "tiny-gpt", "-o", "plan.yaml"]
+
+
 def make_demo_plan(spec: LabSpec, folder: Path) -> Path:
     (folder / "topology.yaml").write_text(yaml.safe_dump(demo_topology(spec), sort_keys=False))
-    done = subprocess.run([sys.executable, "-m", "cli", "plan", str(folder / "topology.yaml"),
-                           "-m", "tiny-gpt", "-o", str(folder / "plan.yaml")],
-                          capture_output=True, text=True, env=_env(), timeout=300)
+    done = subprocess.run(plan_argv(HETSCHED), cwd=folder, capture_output=True, text=True,
+                          env=_env(), timeout=300)
     assert done.returncode == 0, done.stderr
     return folder / "plan.yaml"
 
@@ -248,8 +267,7 @@ def ssh_lab() -> Iterator[SshLab]:
                 daemons.extend(start_sshd(host, keys) for host in hosts)
                 for daemon in daemons:
                     wait_listening(daemon)
-                yield SshLab(state, keys, keys / "ssh_config", keys / "id_ed25519",
-                             tuple(daemons))
+                yield SshLab(state, keys, tuple(daemons))
             finally:
                 for daemon in daemons:
                     stop_sshd(daemon)
@@ -269,13 +287,11 @@ def test_every_sshd_listens_only_on_its_lab_address(ssh_lab: SshLab) -> None:
                    if addr.startswith("10.77.")), "an sshd of the lab in this namespace"
 
 
-def launch_from_a1(lab: SshLab, workdir: Path, plan: Path, script: list[str],
+def launch_from_a1(lab: SshLab, workdir: Path, argv: list[str],
                    rdzv_id: str) -> subprocess.CompletedProcess[str]:
-    """docs/launch.md step 4: on the login node, in the job's folder."""
-    argv = [sys.executable, "-m", "cli", "launch", str(plan), "--via", "ssh",
-            "--python", sys.executable, "--ssh-config", str(lab.config),
-            "--identity", str(lab.identity), "--ssh-user", "root", "--rdzv-id", rdzv_id,
-            "--", *script]
+    """docs/launch.md step 5: on the login node (a1), in the job's folder; `--rdzv-id` only
+    so that the test can find the remote processes afterwards."""
+    argv = [*argv[:argv.index("--")], "--rdzv-id", rdzv_id, *argv[argv.index("--"):]]
     done = subprocess.run(["ip", "netns", "exec", lab.login_namespace(), *argv], cwd=workdir,
                           capture_output=True, text=True, env=_env(), timeout=600)
     (workdir / f"launch-{rdzv_id}.log").write_text(f"{done.stdout}\n--- stderr\n{done.stderr}")
@@ -293,10 +309,9 @@ def job(ssh_lab: SshLab, tmp_path: Path) -> tuple[Path, Path]:
 def test_the_demo_plan_trains_on_every_host_over_ssh(ssh_lab: SshLab,
                                                      job: tuple[Path, Path]) -> None:
     workdir, plan = job
-    done = launch_from_a1(ssh_lab, workdir, plan, [
-        str(TRAIN), "--steps", "4", "--log-every", "1", "--corpus-bytes", "200000",
-        "--checkpoint-dir", "checkpoints", "--checkpoint-every", "4",
-        "--metrics", "metrics.json"], unique_name("rdzv-ok"))
+    argv = launch_argv(HETSCHED, sys.executable, str(ssh_lab.keys), str(TRAIN))
+    assert (workdir / "plan.yaml") == plan
+    done = launch_from_a1(ssh_lab, workdir, argv, unique_name("rdzv-ok"))
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
     assert "[launch] 4 hosts via ssh" in done.stderr
@@ -315,9 +330,10 @@ def test_one_failing_host_is_named_and_the_others_stopped(ssh_lab: SshLab,
     workdir, plan = job
     (workdir / "out").mkdir()
     rdzv = unique_name("rdzv-fail")
-    done = launch_from_a1(ssh_lab, workdir, plan, [
-        str(SCRIPT), "--steps", "1000", "--sleep", "0.5", "--out", "out",
-        "--fail-host", "b2", "--fail-step", "1"], rdzv)
+    argv = launch_argv(HETSCHED, sys.executable, str(ssh_lab.keys), str(SCRIPT))
+    argv = [*argv[:argv.index("--") + 2], "--steps", "1000", "--sleep", "0.5", "--out", "out",
+            "--fail-host", "b2", "--fail-step", "1"]
+    done = launch_from_a1(ssh_lab, workdir, argv, rdzv)
     output = done.stdout + done.stderr
     assert done.returncode == 1, output
     assert "[b2] rank 3 fails on purpose at step 1" in done.stdout, output
@@ -357,3 +373,24 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+@pytest.mark.parametrize("case", ["workdir", "key"])
+def test_the_preflight_refuses_what_ssh_cannot_reach(ssh_lab: SshLab, job: tuple[Path, Path],
+                                                     case: str) -> None:
+    """Nothing starts when a host lacks the working directory or refuses the key."""
+    workdir, _ = job
+    argv = launch_argv(HETSCHED, sys.executable, str(ssh_lab.keys), str(TRAIN))
+    if case == "workdir":
+        argv[argv.index("--"):argv.index("--")] = ["--workdir", "/no/such job dir"]
+        expected = "no directory /no/such job dir there (--workdir)"
+    else:
+        stranger = workdir / "stranger_key"
+        subprocess.run(keygen_argv(str(stranger)), check=True, timeout=60)
+        argv[argv.index("--identity") + 1] = str(stranger)
+        expected = "Permission denied (publickey)"
+    done = launch_from_a1(ssh_lab, workdir, argv, unique_name("rdzv-pre"))
+    assert done.returncode == 2 and done.stdout == "", done.stderr
+    assert "unreachable: a1 (" in done.stderr and "nothing was started" in done.stderr
+    assert done.stderr.count(expected) == 4, done.stderr  # every host, each named
+    assert "started (pid" not in done.stderr
