@@ -77,11 +77,12 @@ _HELP = """Run PLAN_FILE: one torchrun per host of the plan's `launch` section.
 
 Put `--` before SCRIPT: everything after it goes to torchrun's script unchanged.
 Each host's processes get HETSCHED_PLAN, HETSCHED_HOST and the NCCL/gloo variables of
-their process groups. Over ssh each host runs `cd -- WORKDIR && exec env VARS... torchrun
-...`, every word quoted; ssh gets a pty, so stopping ssh stops the remote torchrun (and
-the remote stderr arrives on stdout). Output is streamed with a `[host]` prefix; when one
-host fails, the others are stopped and the exit status is 1. Refused (exit 2) when the plan was made
-for another topology or a host is unreachable, unless --force.
+their process groups. Over ssh each host runs `cd -- WORKDIR && exec env VARS...
+torchrun ...`, every word quoted; ssh gets a pty, so stopping ssh stops the remote
+torchrun (and the remote stderr arrives on stdout). Output is streamed with a `[host]`
+prefix; when one host fails, the others are stopped and the exit status is 1. Refused
+(exit 2) when the plan was made for another topology or a host is unreachable, unless
+--force. The real-cluster walkthrough is docs/launch.md.
 """
 
 
