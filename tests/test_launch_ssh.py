@@ -209,3 +209,4 @@ def test_the_walkthrough_is_what_the_lab_test_runs() -> None:
     assert lab.SSH_CONFIG.format(keys=keys) in text
     assert lab.JOB_DIR in text
     assert "[docs/launch.md](docs/launch.md)" in (ROOT / "README.md").read_text()
+    assert "[launch.md](launch.md)" in (ROOT / "docs" / "runtime.md").read_text()
