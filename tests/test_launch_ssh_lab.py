@@ -18,7 +18,10 @@ The steps are docs/launch.md's real-cluster walkthrough, one for one:
    every host trains (each writes its checkpoint shard), output comes with host
    prefixes, exit status 0, the metrics land in the working directory.
 5. The same launch with tests/launch_script.py where host b2 fails on purpose: b2 is
-   named, the others are stopped (their remote torchruns and workers end), exit 1.
+   named, the others are stopped (their remote torchruns and workers end), exit 1; and
+   with b1's ssh session killed mid-run (a lost host or link): b1 is named with ssh's
+   exit status 255 explained, the others stopped, nothing left running.
+Also: the pre-flight refuses a missing `--workdir` and a key sshd does not accept.
 
 Every sshd (with its sessions) is stopped and the temporary keys removed afterwards.
 Run under `flock /tmp/hetsched-lab.lock` (one lab at a time on this machine).
@@ -394,3 +397,49 @@ def test_the_preflight_refuses_what_ssh_cannot_reach(ssh_lab: SshLab, job: tuple
     assert "unreachable: a1 (" in done.stderr and "nothing was started" in done.stderr
     assert done.stderr.count(expected) == 4, done.stderr  # every host, each named
     assert "started (pid" not in done.stderr
+
+
+def test_a_lost_connection_is_named_and_the_others_stopped(ssh_lab: SshLab,
+                                                           job: tuple[Path, Path]) -> None:
+    """b1's sshd session dies mid-run (as when a host or its link goes): ssh exits 255,
+    the launcher names b1 and says what 255 means, stops the others; nothing is left."""
+    workdir, _ = job
+    (workdir / "out").mkdir()
+    rdzv = unique_name("rdzv-lost")
+    argv = launch_argv(HETSCHED, sys.executable, str(ssh_lab.keys), str(SCRIPT))
+    argv = [*argv[:argv.index("--")], "--rdzv-id", rdzv, "--", str(SCRIPT), "--steps", "1000",
+            "--out", "out", "--fail-host", "nobody", "--fail-step", "1"]  # all idle at 1
+    launcher = subprocess.Popen(["ip", "netns", "exec", ssh_lab.login_namespace(), *argv],
+                                cwd=workdir, env=_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+    seen: list[str] = []
+    try:
+        assert launcher.stdout is not None
+        for line in launcher.stdout:
+            seen.append(line.rstrip("\n"))
+            if line.startswith("[b1] rank 2 idles until stopped"):
+                break
+        b1 = next(d for d in ssh_lab.daemons if d.host.name == "b1")
+        sessions = [p for p in psutil.Process(b1.process.pid).children(recursive=True)
+                    if p.name().startswith("sshd")]
+        assert sessions, "no ssh session on b1"
+        for session in sessions:
+            _kill(session.pid)
+        rest, _ = launcher.communicate(timeout=120)
+        seen.extend(rest.splitlines())
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+    output = "\n".join(seen)
+    assert launcher.returncode == 1, output
+    assert "host b1 failed: exit status 255 (ssh could not run the command, lost the " \
+           "connection" in output, output
+    for name in ("a1", "a2", "b2"):
+        assert f"[launch] {name}: stopped by the launcher" in output, output
+    workers = [json.loads((workdir / "out" / f"rank{r}.json").read_text())["pid"]
+               for r in range(4)]
+    left = still_running(workers, rdzv)
+    for description in left:
+        _kill(int(description.split()[-1]))
+    assert not left, "a remote process outlived the launch"
