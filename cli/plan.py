@@ -12,6 +12,7 @@ from rich.table import Table
 
 from cli.errors import reports_input_errors
 from cli.options import FILE
+from holmes.calibration import with_calibration
 from holmes.estimate import GPU_RESERVED_GB, DilocoChoice, Estimate, usable_memory_gb
 from holmes.hf_config import builtin_names
 from holmes.hosts import CPU_HOST_FLAG
@@ -28,9 +29,10 @@ from holmes.review import (
     planned_topology,
 )
 from holmes.skipping import DEFAULT_MAX_SWAPS, SkipChoice
+from topology.calibration import load_calibration
 from topology.errors import InputError
 from topology.files import check_output, write_bytes_atomic
-from topology.schema import load_topology
+from topology.schema import Topology, load_topology
 
 MAX_SYNC_EVERY = 1_000_000
 MAX_FRAGMENTS = 1024
@@ -73,6 +75,9 @@ NAIVE_LIKE = "naive, the plan's replicas and sync"
               help="How NCCL groups get their network: per communicator (ncclConfig_t "
               "net_name; needs a torch with ProcessGroupNCCL.Options().config.net_name) or "
               "per process (NCCL_NET). auto: what this machine's torch offers.")
+@click.option("--calibration", "calibration_file", type=FILE,
+              help="A calibration (`hetsched calibrate`): measured device speeds, link "
+              "figures and step overhead replace the topology's.")
 @click.option(CPU_HOST_FLAG, "include_cpu_hosts", is_flag=True,
               help="Use hosts without a GPU in a GPU job (the whole job then runs on gloo).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON on stdout.")
@@ -80,10 +85,10 @@ NAIVE_LIKE = "naive, the plan's replicas and sync"
 def plan(topology_file: Path, model_name: str, output: Path, sync: str, regime: str,
          stages: int | None, sync_every: int, fragments: int, quantization: str,
          skip_ratio: float | None, max_swaps: int, optimizer_sharding: str, nccl_net: str,
-         include_cpu_hosts: bool,
+         calibration_file: Path | None, include_cpu_hosts: bool,
          as_json: bool) -> None:
     """Plan MODEL on TOPOLOGY_FILE: stages, layers, groups, NICs, sync; write plan.yaml."""
-    check_output(output, topology_file, Path(model_name), field="-o")
+    check_output(output, topology_file, Path(model_name), calibration_file, field="-o")
     skip = None
     if skip_ratio is not None:
         if not 0.0 <= skip_ratio < 1.0:
@@ -99,8 +104,10 @@ def plan(topology_file: Path, model_name: str, output: Path, sync: str, regime: 
                                               quantization=quantization),
                           optimizer_sharding=optimizer_sharding, nccl_net=nccl_net,
                           include_cpu_hosts=include_cpu_hosts)
-    topology = load_topology(topology_file)
+    source = load_topology(topology_file)
+    topology = _calibrated(source, calibration_file)
     decision = decide(topology, load_model(model_name), options)
+    decision.source = source  # the plan names the topology file as written
     relative = _relative_to(topology_file, output)
     source = _relative_to(Path(model_name), output) if Path(model_name).is_file() else model_name
     result = build_plan(decision, topology_file=relative, model_source=source)
@@ -113,6 +120,12 @@ def plan(topology_file: Path, model_name: str, output: Path, sync: str, regime: 
     console.print(f"wrote {output}")
     if as_json:
         click.echo(result.to_json())
+
+
+def _calibrated(topology: Topology, calibration_file: Path | None) -> Topology:
+    if calibration_file is None:
+        return topology
+    return with_calibration(topology, load_calibration(calibration_file), calibration_file)
 
 
 def _relative_to(path: Path, plan_file: Path) -> str:
@@ -139,20 +152,24 @@ def _candidates_table(candidates: list[Estimate], chosen: Estimate) -> Table:
               help="Topology file (default: the one the plan names).")
 @click.option("--gantt", type=FILE,
               help="Draw one simulated iteration to FILE.png or FILE.svg.")
+@click.option("--calibration", "calibration_file", type=FILE,
+              help="A calibration (`hetsched calibrate`): measured device speeds, link "
+              "figures and step overhead replace the topology's.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON instead.")
 @reports_input_errors
-def show(plan_file: Path, topology_file: Path | None, gantt: Path | None, as_json: bool) -> None:
+def show(plan_file: Path, topology_file: Path | None, gantt: Path | None,
+         calibration_file: Path | None, as_json: bool) -> None:
     """Review PLAN_FILE: stages, groups and NICs, link load, memory headroom, a Gantt chart."""
     if gantt is not None:
         if gantt.suffix not in (".png", ".svg"):
             raise InputError("the Gantt chart must be a .png or .svg file", field="--gantt")
-        check_output(gantt, plan_file, topology_file, field="--gantt")
+        check_output(gantt, plan_file, topology_file, calibration_file, field="--gantt")
     the_plan = load_plan(plan_file)
     check_plan_source(the_plan, plan_file)
     if as_json:
         click.echo(the_plan.to_json())
         return
-    topology = plan_topology(the_plan, plan_file, topology_file)
+    topology = _calibrated(plan_topology(the_plan, plan_file, topology_file), calibration_file)
     console = Console()
     console.print(_stages_table(the_plan))
     console.print(_groups_table(the_plan))
@@ -263,13 +280,16 @@ def _memory_table(the_plan: Plan, topology) -> Table:  # noqa: ANN001
               "plan's depth, per-step all-reduce, NCCL's own transport (and, for a plan with "
               "replicas, the same rank order with its replicas and sync); full: the plan's "
               "placement with full-pipeline routes (no skipping).")
+@click.option("--calibration", "calibration_file", type=FILE,
+              help="A calibration (`hetsched calibrate`): measured device speeds, link "
+              "figures and step overhead replace the topology's.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 @reports_input_errors
 def simulate(plan_file: Path, topology_file: Path | None, model_name: str | None,
-             baseline: str, as_json: bool) -> None:
+             baseline: str, calibration_file: Path | None, as_json: bool) -> None:
     """Simulate one iteration of PLAN_FILE (and a baseline) with the pipeline simulator."""
     the_plan = load_plan(plan_file)
-    topology = plan_topology(the_plan, plan_file, topology_file)
+    topology = _calibrated(plan_topology(the_plan, plan_file, topology_file), calibration_file)
     config = plan_model(the_plan, model_name, plan_file)
     rows = {"plan": estimate_plan(the_plan, topology, config)}
     missing: dict[str, str] = {}

@@ -34,7 +34,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from holmes import costs
+from holmes import calibration, costs
 from holmes.fabric import Fabric
 from holmes.model import ModelConfig
 from holmes.network import Network, host_of
@@ -108,7 +108,13 @@ class Context:
         return self.config.training.microbatch
 
     def tflops(self, device: str) -> float | None:
-        return self._device(device).tflops
+        """Effective TFLOPS: calibrated, and shared among a machine's CPU workers."""
+        return self._tflops[device]
+
+    @functools.cached_property
+    def _tflops(self) -> dict[str, float | None]:
+        return calibration.device_tflops(self.topology, self.config.model,
+                                         self.config.training.recompute)
 
     def memory_bytes(self, device: str) -> float:
         return usable_memory_gb(self._device(device)) * costs.GB
@@ -280,7 +286,7 @@ def estimate(layout: Layout, partition: Partition, ctx: Context, sync: str,
         for (a, b), nbytes in result.bytes_per_link.items():
             bytes_per_step[_link_class(ctx, a, b)] += nbytes * lanes
         _add_data_parallel_bytes(bytes_per_step, layout, replica, partition, ctx)
-    iteration_s = max(r.iteration_s for r in results)
+    iteration_s = max(r.iteration_s for r in results) + calibration.step_overhead_s(ctx.topology)
     sync_s, notes = _sync_cost(layout, partition, ctx, sync, iteration_s, bytes_per_step,
                                forced)
     step_s = iteration_s + sync_s

@@ -400,6 +400,13 @@ def _hostname() -> str:
     return _schema_name(raw.split(".")[0], fallback="localhost")
 
 
+def machine_id(boot_id: Path = Path("/proc/sys/kernel/random/boot_id")) -> str | None:
+    """This kernel's boot id: the same in every network namespace of one machine, so
+    hosts that report the same one share its CPUs (None where there is none)."""
+    text = (_read(boot_id) or "").strip()
+    return text[:128] or None
+
+
 def cpu_cores() -> int:
     """Cores this process may run on (the affinity mask), else all the OS reports."""
     if hasattr(os, "sched_getaffinity"):
@@ -562,6 +569,7 @@ def discover_host(
             name=name if name is not None else _hostname(),
             address=primary_address(nics, facts) if live else None,
             site=site,
+            machine=machine_id() if live else None,
             cpu_cores=cpu_cores(),
             memory_gb=ram_gb,
             devices=discover_devices(ram_gb, measure_flops=measure_flops),

@@ -1,0 +1,82 @@
+"""What the estimate takes from a calibration, and from hosts that share a machine.
+
+- `with_calibration(topology, calibration)`: the topology with each calibrated link's
+  latency and bandwidth replaced by the fitted ones and the calibration attached
+  (`topology.calibration`), after checking it names only hosts and devices it has.
+- `device_tflops(topology, model, recompute)`: every device's effective TFLOPS as the
+  estimate uses them. A calibrated device's speed comes from its measured seconds per
+  layer per sample (forward + backward; `costs.train_time_factor` x a layer's forward
+  FLOPs over those seconds). CPU devices of hosts on one machine (the same
+  `machine`) share its cores: a probe's figure is the whole machine's, so each of the k
+  CPU workers there gets 1/k of it; a calibrated figure was measured with
+  `workers_on_machine` of them, so it is scaled by that over k.
+- `step_overhead_s(topology)`: the calibration's fixed seconds per step (0 without one).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from holmes import costs
+from holmes.model import ModelSpec, Recompute
+from topology.calibration import Calibration, check_against
+from topology.schema import Topology
+
+
+def with_calibration(topology: Topology, calibration: Calibration | None,
+                     path: str | Path = "<calibration>") -> Topology:
+    if calibration is None:
+        return topology
+    check_against(calibration, {h.name: [d.name for d in h.devices] for h in topology.hosts},
+                  path)
+    fitted = {frozenset((link.a, link.b)): link for link in calibration.links}
+    links = []
+    for link in topology.links:
+        fit = fitted.get(link.key())
+        if fit is not None and link.status == "ok":
+            link = link.model_copy(update={"latency_ms": fit.latency_ms,
+                                           "bandwidth_gbps": fit.bandwidth_gbps})
+        links.append(link)
+    return topology.model_copy(update={"links": links, "calibration": calibration})
+
+
+def workers_per_machine(topology: Topology) -> dict[str, int]:
+    """host -> the CPU devices of every host on its machine (1 for a host of its own)."""
+    count: Counter[str] = Counter()
+    for host in topology.hosts:
+        if host.machine:
+            count[host.machine] += sum(1 for d in host.devices if d.kind == "cpu")
+    return {h.name: max(1, count[h.machine]) if h.machine else 1 for h in topology.hosts}
+
+
+def device_tflops(topology: Topology, model: ModelSpec,
+                  recompute: Recompute = "selective") -> dict[str, float | None]:
+    """`host:device` -> effective TFLOPS (None where unknown); see the module docstring."""
+    sharing = workers_per_machine(topology)
+    calibration = topology.calibration
+    rates: dict[str, float | None] = {}
+    for host in topology.hosts:
+        for device in host.devices:
+            name = f"{host.name}:{device.name}"
+            shared = sharing[host.name] if device.kind == "cpu" else 1
+            fit = calibration.device(name) if calibration is not None else None
+            if fit is not None:
+                rates[name] = (tflops_of(fit.seconds_per_layer_per_sample, model, recompute)
+                               * fit.workers_on_machine / shared)
+            elif device.tflops is not None:
+                rates[name] = device.tflops / shared
+            else:
+                rates[name] = None
+    return rates
+
+
+def tflops_of(seconds_per_layer_per_sample: float, model: ModelSpec,
+              recompute: Recompute = "selective") -> float:
+    """The TFLOPS at which the cost model takes these seconds for a layer's training."""
+    flops = costs.train_time_factor(recompute) * costs.layer_forward_flops(model)
+    return flops / seconds_per_layer_per_sample / 1e12
+
+
+def step_overhead_s(topology: Topology) -> float:
+    return topology.calibration.step_overhead_s if topology.calibration is not None else 0.0
