@@ -104,8 +104,8 @@ def driver(args: argparse.Namespace) -> int:
 
     out = Path(args.out or tempfile.mkdtemp(prefix="hetsched-overhead-"))
     out.mkdir(parents=True, exist_ok=True)
-    save_topology(loopback_topology(load_lab_spec(DEMO_LAB), measure_matmul_tflops("cpu")),
-                  out / "topology.yaml")
+    tflops = measure_matmul_tflops("cpu", threads=1)
+    save_topology(loopback_topology(load_lab_spec(DEMO_LAB), tflops), out / "topology.yaml")
     subprocess.run([sys.executable, "-m", "cli", "plan", str(out / "topology.yaml"), "-m",
                     "tiny-gpt", "-o", str(out / "plan.yaml")], check=True,
                    capture_output=True, cwd=ROOT)

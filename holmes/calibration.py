@@ -7,9 +7,9 @@
   estimate uses them. A calibrated device's speed comes from its measured seconds per
   layer per sample (forward + backward; `costs.train_time_factor` x a layer's forward
   FLOPs over those seconds). CPU devices of hosts on one machine (the same
-  `machine`) share its cores: a probe's figure is the whole machine's, so each of the k
-  CPU workers there gets 1/k of it; a calibrated figure was measured with
-  `workers_on_machine` of them, so it is scaled by that over k.
+  `machine`) share its cores: a probe times one thread (one worker, as the scripts run
+  them), and k workers on c cores each get min(1, c / k) of a core; a calibrated figure
+  was measured with `workers_on_machine` of them, so it is scaled by that share over k's.
 - `step_overhead_s(topology)`: the calibration's fixed seconds per step (0 without one).
 """
 
@@ -41,6 +41,11 @@ def with_calibration(topology: Topology, calibration: Calibration | None,
     return topology.model_copy(update={"links": links, "calibration": calibration})
 
 
+def core_share(workers: int, cores: int | None) -> float:
+    """The share of a core each of `workers` single-thread workers gets on `cores`."""
+    return min(1.0, (cores or 1) / max(1, workers))
+
+
 def workers_per_machine(topology: Topology) -> dict[str, int]:
     """host -> the CPU devices of every host on its machine (1 for a host of its own)."""
     count: Counter[str] = Counter()
@@ -59,13 +64,15 @@ def device_tflops(topology: Topology, model: ModelSpec,
     for host in topology.hosts:
         for device in host.devices:
             name = f"{host.name}:{device.name}"
-            shared = sharing[host.name] if device.kind == "cpu" else 1
+            cpu = device.kind == "cpu"
+            share = core_share(sharing[host.name], host.cpu_cores) if cpu else 1.0
             fit = calibration.device(name) if calibration is not None else None
             if fit is not None:
+                then = core_share(fit.workers_on_machine, host.cpu_cores) if cpu else 1.0
                 rates[name] = (tflops_of(fit.seconds_per_layer_per_sample, model, recompute)
-                               * fit.workers_on_machine / shared)
+                               * share / then)
             elif device.tflops is not None:
-                rates[name] = device.tflops / shared
+                rates[name] = device.tflops * share
             else:
                 rates[name] = None
     return rates

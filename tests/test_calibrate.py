@@ -179,11 +179,14 @@ def test_calibration_and_shared_machines_set_the_speeds(two_stage: tuple[Path, P
     plain = device_tflops(parse_topology(raw), model)
     for host in raw["hosts"]:
         host["machine"] = "one-kernel"
-    shared = device_tflops(parse_topology(raw), model)
+    assert device_tflops(parse_topology(raw), model) == plain  # 2 workers on 2 cores
+    for host in raw["hosts"]:
+        host["cpu_cores"] = 1
+    shared = device_tflops(parse_topology(raw), model)  # 2 workers on 1 core
     assert shared["h1:cpu0"] == pytest.approx(plain["h1:cpu0"] / 2)
     calibrated = device_tflops(with_calibration(parse_topology(raw), sample_calibration()),
                                model)
-    # measured with 2 workers on the machine, and 2 share it here: the measured speed
+    # measured with 2 workers on the machine's core, and 2 share it here: as measured
     assert calibrated["h1:cpu0"] == pytest.approx(tflops_of(0.01, model))
     assert calibrated["h2:cpu0"] == shared["h2:cpu0"]
     link = with_calibration(parse_topology(raw), sample_calibration()).link("h1", "h2")
