@@ -19,7 +19,10 @@ step (ends of consecutive steps, slowest rank; the first 10% left out). Then ONE
 (`hetsched report --calibration`); no shape is fitted on itself. Prints both tables and
 the ranking check: the shape the calibrated model ranks fastest against the fastest
 measured. The machine's load (`uptime`) is printed with the figures: the lab's hosts
-share this machine's CPUs with whatever else runs on it.
+share this machine's CPUs with whatever else runs on it. `--local` runs the same shapes
+without root on `hetsched demo --local`'s loopback topology (the lab's hosts and nominal
+link speeds on 127.0.0.1: links not shaped, so only the compute and the sharing of the
+cores are tested).
 """
 
 from __future__ import annotations
@@ -62,16 +65,41 @@ def load() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
-def run_shape(work: Path, name: str, steps: int) -> Path:
+def run_shape(work: Path, name: str, steps: int, via: list[str]) -> Path:
     run = work / name
     run.mkdir()
     cli("plan", str(work / "topology.yaml"), "-m", MODEL, "-o", str(run / "plan.yaml"),
         *SHAPES[name], capture=True)
     print(f"== {name}: training {steps} steps ({load()})", flush=True)
-    cli("launch", str(run / "plan.yaml"), "--via", "lab", "--lab", LAB, "--",
+    cli("launch", str(run / "plan.yaml"), *via, "--",
         str(ROOT / "examples" / "train_tinygpt.py"), "--steps", str(steps), "--log-every",
         str(steps), "--metrics", str(run / "metrics.json"), capture=True)
     return run
+
+
+def lab_runs(work: Path, lab: str, shapes: list[str], steps: int) -> dict[str, Path]:
+    spec = load_lab_spec(lab).model_copy(update={"name": LAB})
+    lab_down(LAB)
+    lab_up(spec)
+    try:
+        print(f"lab {lab}; probing ({load()})", flush=True)
+        if probe_lab(find_lab(LAB), work / "topology.yaml", ProbeOptions(), flops=True) != 0:
+            raise SystemExit("the probe could not measure every pair")
+        return {name: run_shape(work, name, steps, ["--via", "lab", "--lab", LAB])
+                for name in shapes}
+    finally:
+        lab_down(LAB)
+
+
+def local_runs(work: Path, lab: str, shapes: list[str], steps: int) -> dict[str, Path]:
+    from cli.demo import loopback_topology
+    from topology.discover import measure_matmul_tflops
+    from topology.schema import save_topology
+
+    print(f"{lab}'s hosts on loopback ({load()})", flush=True)
+    topology = loopback_topology(load_lab_spec(lab), measure_matmul_tflops("cpu", threads=1))
+    save_topology(topology, work / "topology.yaml")
+    return {name: run_shape(work, name, steps, ["--via", "local"]) for name in shapes}
 
 
 def figures(run: Path, calibration: Path | None = None) -> dict[str, float]:
@@ -95,19 +123,15 @@ def main() -> int:
     p.add_argument("--calibrate-on", default="pipeline-4", choices=list(SHAPES))
     p.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset")
     p.add_argument("--out", help="keep the runs here (default: a temporary folder)")
+    p.add_argument("--local", action="store_true", help="loopback, no lab (see above)")
     args = p.parse_args()
-    spec = load_lab_spec(args.lab).model_copy(update={"name": LAB})
     work = Path(args.out or tempfile.mkdtemp(prefix="hetsched-fidelity-"))
     work.mkdir(parents=True, exist_ok=True)
-    lab_down(LAB)
-    lab_up(spec)
-    try:
-        print(f"lab {args.lab}; probing ({load()})", flush=True)
-        if probe_lab(find_lab(LAB), work / "topology.yaml", ProbeOptions(), flops=True) != 0:
-            raise SystemExit("the probe could not measure every pair")
-        runs = {name: run_shape(work, name, args.steps) for name in args.shapes.split(",")}
-    finally:
-        lab_down(LAB)
+    shapes = args.shapes.split(",")
+    if args.local:
+        runs = local_runs(work, args.lab, shapes, args.steps)
+    else:
+        runs = lab_runs(work, args.lab, shapes, args.steps)
     before = {name: figures(run) for name, run in runs.items()}
     table(f"before calibration ({args.lab}, {args.steps} steps, tiny-gpt)", before)
     calibration = work / "calibration.yaml"
