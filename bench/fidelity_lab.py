@@ -7,7 +7,8 @@ Brings up the lab as `fidelity`, probes it (each host times a matmul, one after 
 other), and plans the tiny GPT in four shapes, each forced with `hetsched plan` flags:
 
 - `diloco-1`: one stage per site, DiLoCo between the sites (`--stages 1 --sync diloco`);
-- `pipeline-2`: a 2-stage pipeline per site (`--stages 2`);
+- `pipeline-2`: a 2-stage pipeline per site, DiLoCo between them (`--stages 2 --sync diloco`;
+  left to choose, the planner makes one pipeline over both sites here);
 - `pipeline-4`: a 4-stage pipeline across the sites with per-step all-reduce
   (`--stages 4 --sync allreduce`);
 - `skip-0.25`: the 4-stage pipeline with skip routes, k = 0.25 (`--skip-ratio 0.25`).
@@ -47,7 +48,7 @@ LAB = "fidelity"
 MODEL = "tiny-gpt"
 SHAPES = {
     "diloco-1": ["--stages", "1", "--sync", "diloco", "--sync-every", "25"],
-    "pipeline-2": ["--stages", "2"],
+    "pipeline-2": ["--stages", "2", "--sync", "diloco", "--sync-every", "25"],
     "pipeline-4": ["--stages", "4", "--sync", "allreduce"],
     "skip-0.25": ["--stages", "4", "--skip-ratio", "0.25"],
 }
