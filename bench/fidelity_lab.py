@@ -114,7 +114,8 @@ def table(title: str, rows: dict[str, dict[str, float]]) -> None:
     print("|---|---|---|---|")
     for name, r in rows.items():
         error = (r["predicted"] - r["measured"]) / r["measured"]
-        print(f"| {name} | {r['predicted']:,.0f} | {r['measured']:,.0f} | {error:+.1%} |")
+        print(f"| {name} | {r['predicted']:,.0f} | {r['measured']:,.0f} | {error:+.1%} |",
+              flush=True)
 
 
 def main() -> int:
