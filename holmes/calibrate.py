@@ -17,6 +17,11 @@ plan and topology. The first `warmup` steps are left out. Figures:
   (a pipeline's activations are all one size), the prior latency is kept and the
   bandwidth is the median message's bytes over its time less that latency. Fewer than
   `MIN_SAMPLES` messages, or a fit that is not positive: the prior is kept (a note).
+- **data-parallel links**, per host pair of a stage's data group whose pair carried no
+  pipeline message: the group's reduce-scatter and all-gather (`data` and `zero` syncs)
+  of each step, each timed by the member that waited least (the last to arrive, so its
+  time is the transfer's): bandwidth = the wire bytes a member sends / (that time less
+  the prior latency per ring hop), median over steps; the prior latency is kept.
 - **step overhead**: the measured step (median period between the ends of consecutive
   steps, slowest rank) less the calibrated simulation of the plan's iteration, at least 0.
 
@@ -220,6 +225,74 @@ def fit_links(measured: Measured, topology: Topology, notes: list[str]) -> list[
     return fits
 
 
+RING_SYNCS = ("data", "zero")
+
+
+def ring_samples(lines: Sequence[dict[str, Any]], wanted: set[int]
+                 ) -> dict[tuple[int, int], list[tuple[list[str], list[tuple[int, float]]]]]:
+    """(replica, stage) -> per step: (the group's hosts, [(wire bytes, least seconds)] of
+    each of its ring collectives in order)."""
+    groups: dict[tuple[int, int], dict[int, list[dict[str, Any]]]] = defaultdict(
+        lambda: defaultdict(list))
+    for line in lines:
+        if line["step"] in wanted:
+            groups[(line.get("replica", 0), line["stage"])][line["step"]].append(line)
+    out: dict[tuple[int, int], list[tuple[list[str], list[tuple[int, float]]]]] = {}
+    for key, steps in groups.items():
+        for members in steps.values():
+            if len(members) < 2:
+                continue
+            syncs = [[(n, end - start) for kind, n, start, end in m["syncs"]
+                      if kind in RING_SYNCS and n > 0] for m in members]
+            if not syncs[0] or len({len(x) for x in syncs}) != 1:
+                continue
+            least = [(parts[0][0], min(t for _, t in parts)) for parts in zip(*syncs, strict=True)]
+            out.setdefault(key, []).append((sorted({m["host"] for m in members}), least))
+    return out
+
+
+def fit_ring_links(measured_lines: Sequence[dict[str, Any]], wanted: set[int],
+                   topology: Topology, fitted: set[frozenset[str]],
+                   notes: list[str]) -> list[LinkFit]:
+    fits: dict[frozenset[str], LinkFit] = {}
+    for (replica, stage), samples in sorted(ring_samples(measured_lines, wanted).items()):
+        hosts = samples[0][0]
+        pairs = [frozenset((a, b)) for i, a in enumerate(hosts) for b in hosts[i + 1:]]
+        pairs = [p for p in pairs if p not in fitted and p not in fits]
+        if not pairs:
+            continue
+        if len(samples) < MIN_SAMPLES:
+            notes.append(f"replica {replica} stage {stage}: {len(samples)} step(s) of "
+                         f"data-parallel syncs, fewer than {MIN_SAMPLES}: prior kept")
+            continue
+        hops = len(hosts) - 1
+        prior = max((_prior_latency_s(topology, p) for p in pairs), default=0.0)
+        rates = []
+        for _, least in samples:
+            seconds = sum(t for _, t in least) - len(least) * hops * prior
+            if seconds > 0:
+                rates.append(sum(n for n, _ in least) / seconds)
+        if len(rates) < MIN_SAMPLES:
+            notes.append(f"replica {replica} stage {stage}: data-parallel syncs took less "
+                         "than the prior latency: prior kept")
+            continue
+        rate = statistics.median(rates)
+        for pair in pairs:
+            a, b = sorted(pair)
+            fits[pair] = LinkFit(a=a, b=b, latency_ms=round(prior * 1000, 6),
+                                 bandwidth_gbps=round(rate * 8 / 1e9, 9), samples=len(rates),
+                                 sizes=1, latency_from="prior")
+        names = ", ".join("-".join(sorted(p)) for p in pairs)
+        notes.append(f"replica {replica} stage {stage}: links {names} fitted from its "
+                     "data-parallel syncs (ring), latency kept at the prior")
+    return list(fits.values())
+
+
+def _prior_latency_s(topology: Topology, pair: frozenset[str]) -> float:
+    link = topology.link(*sorted(pair))
+    return (link.latency_ms or 0.0) / 1000 if link is not None else 0.0
+
+
 def fit_calibration(lines: Sequence[dict[str, Any]], plan: Plan, topology: Topology,
                     predict_s: Callable[[Calibration], float], *, run: str,
                     plan_path: str, warmup: int | None = None) -> Calibration:
@@ -227,10 +300,13 @@ def fit_calibration(lines: Sequence[dict[str, Any]], plan: Plan, topology: Topol
     step seconds (no overhead), from which the step overhead is fitted."""
     measured = measure(lines, warmup)
     notes: list[str] = []
+    links = fit_links(measured, topology, notes)
+    links += fit_ring_links(lines, set(measured.steps), topology,
+                            {frozenset((f.a, f.b)) for f in links}, notes)
     calibration = Calibration(
         run=run, plan=plan_path, at=datetime.now(UTC).replace(microsecond=0),
         steps=len(measured.steps), devices=fit_devices(measured, plan, topology, notes),
-        links=fit_links(measured, topology, notes), notes=notes)
+        links=links, notes=notes)
     if len(measured.steps) < MIN_SAMPLES:
         calibration.notes.append(f"{len(measured.steps)} usable step(s), fewer than "
                                  f"{MIN_SAMPLES}: no step overhead")

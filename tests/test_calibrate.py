@@ -19,7 +19,7 @@ import pytest
 import yaml
 from test_trainer import make_plan, topology, train
 
-from holmes.calibrate import fit_devices, fit_link, fit_links, measure
+from holmes.calibrate import fit_devices, fit_link, fit_links, fit_ring_links, measure
 from holmes.calibration import device_tflops, tflops_of, with_calibration
 from holmes.model import load_model
 from holmes.plan import Plan, load_plan
@@ -100,6 +100,33 @@ def test_fit_recovers_device_speeds_and_link_rates(two_stage: tuple[Path, Plan])
     assert link.latency_from == "fit" and link.sizes == 4
     assert link.latency_ms == pytest.approx(LATENCY_S * 1000, rel=0.02)
     assert link.bandwidth_gbps == pytest.approx(RATE_BPS * 8 / 1e9, rel=0.02)
+
+
+def test_data_parallel_syncs_give_the_ring_links_rate(two_stage: tuple[Path, Plan]) -> None:
+    # a data group of two hosts: each step a reduce-scatter and a parameter all-gather;
+    # the member that arrives first waits for the other, the last one's time is the
+    # transfer's (prior latency 0.2 ms per hop, the topology's)
+    path, _ = two_stage
+    topo = parse_topology(yaml.safe_load((path.parent / "topology.yaml").read_text()))
+    rng = random.Random(1)
+    wire = 3_000_000
+    lines = []
+    for step in range(10):
+        for rank, host in enumerate(("h1", "h2")):
+            syncs, clock = [], 100.0 * step
+            for kind in ("data", "zero"):
+                wait = rng.uniform(0.0, 0.05)
+                took = 0.0002 + wire / RATE_BPS
+                syncs.append([kind, wire, clock, clock + took + (wait if rank else 0.0)])
+                clock += 1.0
+            lines.append({"rank": rank, "node": f"{host}:cpu0", "host": host, "stage": 0,
+                          "replica": 0, "step": step, "syncs": syncs})
+    notes: list[str] = []
+    (link,) = fit_ring_links(lines, set(range(1, 10)), topo, set(), notes)
+    assert {link.a, link.b} == {"h1", "h2"} and link.latency_from == "prior"
+    assert link.bandwidth_gbps == pytest.approx(RATE_BPS * 8 / 1e9, rel=0.02)
+    assert fit_ring_links(lines, set(range(1, 10)), topo, {frozenset(("h1", "h2"))},
+                          notes) == []  # a pair the pipeline's messages fitted keeps those
 
 
 def test_too_few_samples_keep_the_prior(two_stage: tuple[Path, Plan]) -> None:

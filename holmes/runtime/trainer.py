@@ -148,7 +148,7 @@ class Trainer:
         for param in self.params:
             param.grad = None
         if self.zero1:
-            with self.timings.sync("zero"):
+            with self.timings.sync("zero", self.shards.wire_bytes):
                 self.shards.all_gather_parameters()
             self._add_shard_bytes()
         self._sync_replicas_after_update()
