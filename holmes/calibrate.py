@@ -7,7 +7,9 @@ plan and topology. The first `warmup` steps are left out. Figures:
 - **device** seconds per layer per sample: the compute of its forward and backward
   tasks (a task's time less the blocking receives inside it), over the layers its stage
   holds x the samples those tasks carried. Measured under the run's real contention;
-  `workers_on_machine` says how many plan workers shared its machine. Also the ratio of
+  `workers_on_machine` says how many plan workers shared its machine, and `core_share`
+  the share of a core its tasks had: over its compute, min(1, cores / compute tasks of
+  that machine's workers running at the same time), time-weighted. Also the ratio of
   backward to forward compute. Fewer than `MIN_SAMPLES` tasks: no figure (a note).
 - **link** latency and bandwidth, per host pair that carried pipeline messages: each
   message's transfer time is the receive's end less the later of the receive's start and
@@ -173,8 +175,47 @@ def fit_link(samples: Sequence[tuple[int, float, bool]], prior_latency_s: float
     return prior_latency_s, nbytes / seconds, "prior"
 
 
+def compute_intervals(line: dict[str, Any]) -> list[tuple[float, float]]:
+    """(start, end) of each task's compute: from the end of the receive inside it."""
+    waits = [(start, end) for *_, start, end in line["recv"]]
+    return [(max([start, *(e for s, e in waits if start <= s < end)]), end)
+            for _, _, start, end in line["tasks"]]
+
+
+def core_shares(lines: Sequence[dict[str, Any]], wanted: set[int],
+                topology: Topology) -> dict[str, float]:
+    """device -> the share of a core its compute had (see the module docstring)."""
+    hosts = {h.name: h for h in topology.hosts}
+    machine_of = {name: h.machine or name for name, h in hosts.items()}
+    events: dict[str, list[tuple[float, int, str]]] = defaultdict(list)
+    for line in lines:
+        if line["step"] in wanted and line["host"] in hosts:
+            machine = machine_of[line["host"]]
+            for start, end in compute_intervals(line):
+                events[machine] += [(start, 1, line["node"]), (end, -1, line["node"])]
+    shares: dict[str, float] = {}
+    for machine, marks in events.items():
+        cores = next((h.cpu_cores for h in hosts.values() if machine_of[h.name] == machine),
+                     None) or 1
+        weighted: dict[str, float] = defaultdict(float)
+        spent: dict[str, float] = defaultdict(float)
+        active: dict[str, int] = defaultdict(int)
+        last = None
+        for at, step, node in sorted(marks):
+            running = [n for n, k in active.items() if k > 0]
+            if last is not None and running:
+                share = min(1.0, cores / len(running))
+                for n in running:
+                    weighted[n] += (at - last) * share
+                    spent[n] += at - last
+            active[node] += step
+            last = at
+        shares |= {n: weighted[n] / spent[n] for n in spent if spent[n] > 0}
+    return shares
+
+
 def fit_devices(measured: Measured, plan: Plan, topology: Topology,
-                notes: list[str]) -> list[DeviceFit]:
+                notes: list[str], shares: dict[str, float] | None = None) -> list[DeviceFit]:
     layers = {d: stage.layers[1] - stage.layers[0] for stage in plan.stages for d in stage.devices}
     sharing = workers_per_machine(_plan_hosts(topology, plan))
     fits = []
@@ -194,6 +235,7 @@ def fit_devices(measured: Measured, plan: Plan, topology: Topology,
         fits.append(DeviceFit(
             device=device, seconds_per_layer_per_sample=float(f"{compute / samples:.6g}"),
             workers_on_machine=sharing[device.split(":", 1)[0]], samples=count,
+            core_share=round(max(1e-3, (shares or {}).get(device, 1.0)), 4),
             backward_forward_ratio=round(kinds.get("backward", 0.0) / forward, 4)
             if forward > 0 else None))
     return fits
@@ -305,7 +347,9 @@ def fit_calibration(lines: Sequence[dict[str, Any]], plan: Plan, topology: Topol
                             {frozenset((f.a, f.b)) for f in links}, notes)
     calibration = Calibration(
         run=run, plan=plan_path, at=datetime.now(UTC).replace(microsecond=0),
-        steps=len(measured.steps), devices=fit_devices(measured, plan, topology, notes),
+        steps=len(measured.steps),
+        devices=fit_devices(measured, plan, topology, notes,
+                            core_shares(lines, set(measured.steps), topology)),
         links=links, notes=notes)
     if len(measured.steps) < MIN_SAMPLES:
         calibration.notes.append(f"{len(measured.steps)} usable step(s), fewer than "

@@ -8,8 +8,11 @@
   layer per sample (forward + backward; `costs.train_time_factor` x a layer's forward
   FLOPs over those seconds). CPU devices of hosts on one machine (the same
   `machine`) share its cores: a probe times one thread (one worker, as the scripts run
-  them), and k workers on c cores each get min(1, c / k) of a core; a calibrated figure
-  was measured with `workers_on_machine` of them, so it is scaled by that share over k's.
+  them), and k workers on c cores, each computing a fraction `busy` of the step, get
+  min(1, c / (k busy)) of a core each (`holmes.estimate` runs the simulation again with
+  the busy fraction the first run predicts); a calibrated figure was measured at the
+  share of a core its tasks really had (`core_share`: the other workers' tasks that ran
+  at the same time), so it is divided by that and multiplied by the predicted one.
 - `step_overhead_s(topology)`: the calibration's fixed seconds per step (0 without one).
 """
 
@@ -41,9 +44,24 @@ def with_calibration(topology: Topology, calibration: Calibration | None,
     return topology.model_copy(update={"links": links, "calibration": calibration})
 
 
-def core_share(workers: int, cores: int | None) -> float:
-    """The share of a core each of `workers` single-thread workers gets on `cores`."""
-    return min(1.0, (cores or 1) / max(1, workers))
+def core_share(workers: float, cores: int | None) -> float:
+    """The share of a core each of `workers` busy single-thread workers gets on `cores`."""
+    return min(1.0, (cores or 1) / max(1.0, workers))
+
+
+def shares_cores(topology: Topology, devices: list[str]) -> bool:
+    """Whether some CPU device of `devices` shares its machine's cores with others."""
+    sharing = workers_per_machine(topology)
+    hosts = {d.split(":", 1)[0] for d in devices}
+    return any(sharing[h.name] > (h.cpu_cores or 1) for h in topology.hosts if h.name in hosts
+               and any(d.kind == "cpu" for d in h.devices))
+
+
+def busy_fraction(bubble: float, iteration_s: float, step_s: float) -> float:
+    """Of a step, the share a worker computes: 1 - bubble of the iteration, over the step."""
+    if step_s <= 0:
+        return 1.0
+    return min(1.0, max(0.05, (1.0 - bubble) * iteration_s / step_s))
 
 
 def workers_per_machine(topology: Topology) -> dict[str, int]:
@@ -55,9 +73,10 @@ def workers_per_machine(topology: Topology) -> dict[str, int]:
     return {h.name: max(1, count[h.machine]) if h.machine else 1 for h in topology.hosts}
 
 
-def device_tflops(topology: Topology, model: ModelSpec,
-                  recompute: Recompute = "selective") -> dict[str, float | None]:
-    """`host:device` -> effective TFLOPS (None where unknown); see the module docstring."""
+def device_tflops(topology: Topology, model: ModelSpec, recompute: Recompute = "selective",
+                  busy: float = 1.0) -> dict[str, float | None]:
+    """`host:device` -> effective TFLOPS (None where unknown); see the module docstring.
+    `busy`: the share of the time a worker computes (k workers count as k x busy)."""
     sharing = workers_per_machine(topology)
     calibration = topology.calibration
     rates: dict[str, float | None] = {}
@@ -65,10 +84,10 @@ def device_tflops(topology: Topology, model: ModelSpec,
         for device in host.devices:
             name = f"{host.name}:{device.name}"
             cpu = device.kind == "cpu"
-            share = core_share(sharing[host.name], host.cpu_cores) if cpu else 1.0
+            share = core_share(sharing[host.name] * busy, host.cpu_cores) if cpu else 1.0
             fit = calibration.device(name) if calibration is not None else None
             if fit is not None:
-                then = core_share(fit.workers_on_machine, host.cpu_cores) if cpu else 1.0
+                then = fit.core_share if cpu else 1.0
                 rates[name] = (tflops_of(fit.seconds_per_layer_per_sample, model, recompute)
                                * share / then)
             elif device.tflops is not None:

@@ -27,6 +27,7 @@ point-to-point neighbours).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -102,6 +103,7 @@ class Context:
     diloco: DilocoChoice = field(default_factory=DilocoChoice)
     selection: Selection = "per-communicator"
     optimizer_sharding: str = "zero1"  # or "none": see `optimizer_shards`
+    busy_fraction: float = 1.0  # of a step a worker computes (CPU sharing: holmes.calibration)
 
     @property
     def microbatch(self) -> int:
@@ -114,7 +116,7 @@ class Context:
     @functools.cached_property
     def _tflops(self) -> dict[str, float | None]:
         return calibration.device_tflops(self.topology, self.config.model,
-                                         self.config.training.recompute)
+                                         self.config.training.recompute, self.busy_fraction)
 
     def memory_bytes(self, device: str) -> float:
         return usable_memory_gb(self._device(device)) * costs.GB
@@ -260,6 +262,26 @@ def _lane_sampled(replica: Stages) -> bool:
 def estimate(layout: Layout, partition: Partition, ctx: Context, sync: str,
              routes: list[list[Route]] | None = None, timeline: bool = True,
              in_flight: Mapping[str, int] | None = None) -> Estimate:
+    """`_estimate`, and where CPU workers share a machine's cores, again with the busy
+    fraction it predicts (workers waiting in a bubble leave their core to the others;
+    `holmes.calibration`), CPU_SHARING_ROUNDS times."""
+    result = _estimate(layout, partition, ctx, sync, routes, timeline, in_flight)
+    if not calibration.shares_cores(ctx.topology, layout.devices()):
+        return result
+    for _ in range(CPU_SHARING_ROUNDS):
+        busy = calibration.busy_fraction(result.bubble_fraction, result.iteration_s,
+                                         result.step_s)
+        result = _estimate(layout, partition, dataclasses.replace(ctx, busy_fraction=busy),
+                           sync, routes, timeline, in_flight)
+    return result
+
+
+CPU_SHARING_ROUNDS = 2
+
+
+def _estimate(layout: Layout, partition: Partition, ctx: Context, sync: str,
+              routes: list[list[Route]] | None = None, timeline: bool = True,
+              in_flight: Mapping[str, int] | None = None) -> Estimate:
     """Simulate every replica with `partition` and add the sync between replicas.
 
     `routes` (per replica) default to full-pipeline routes; a plan's own routes may be

@@ -19,7 +19,14 @@ import pytest
 import yaml
 from test_trainer import make_plan, topology, train
 
-from holmes.calibrate import fit_devices, fit_link, fit_links, fit_ring_links, measure
+from holmes.calibrate import (
+    core_shares,
+    fit_devices,
+    fit_link,
+    fit_links,
+    fit_ring_links,
+    measure,
+)
 from holmes.calibration import device_tflops, tflops_of, with_calibration
 from holmes.model import load_model
 from holmes.plan import Plan, load_plan
@@ -129,6 +136,20 @@ def test_data_parallel_syncs_give_the_ring_links_rate(two_stage: tuple[Path, Pla
                           notes) == []  # a pair the pipeline's messages fitted keeps those
 
 
+def test_core_share_counts_the_tasks_that_ran_at_once(two_stage: tuple[Path, Plan]) -> None:
+    # two hosts of one single-core machine: h1 computes [0, 2), h2 [1, 2): h1 had the
+    # core alone for 1 s and half of it for 1 s, h2 half of it throughout
+    path, _ = two_stage
+    raw = yaml.safe_load((path.parent / "topology.yaml").read_text())
+    for host in raw["hosts"]:
+        host.update(machine="m", cpu_cores=1)
+    lines = [{"rank": r, "node": f"{h}:cpu0", "host": h, "stage": r, "step": 0, "recv": [],
+              "tasks": [["forward", 0, start, 2.0]]}
+             for r, (h, start) in enumerate((("h1", 0.0), ("h2", 1.0)))]
+    shares = core_shares(lines, {0}, parse_topology(raw))
+    assert shares == pytest.approx({"h1:cpu0": 0.75, "h2:cpu0": 0.5})
+
+
 def test_too_few_samples_keep_the_prior(two_stage: tuple[Path, Plan]) -> None:
     assert isinstance(fit_link([(1000, 0.01, True)], 0.001), str)
     # one size: the prior latency is kept and the bandwidth fitted from it
@@ -148,7 +169,7 @@ def test_too_few_samples_keep_the_prior(two_stage: tuple[Path, Plan]) -> None:
 def sample_calibration() -> Calibration:
     return Calibration(run="runs/x", plan="runs/x/plan.yaml", steps=10, step_overhead_s=0.002,
                        devices=[DeviceFit(device="h1:cpu0", seconds_per_layer_per_sample=0.01,
-                                          workers_on_machine=2, samples=40,
+                                          workers_on_machine=2, core_share=0.5, samples=40,
                                           backward_forward_ratio=1.8)],
                        links=[LinkFit(a="h1", b="h2", latency_ms=2.5, bandwidth_gbps=0.05,
                                       samples=30, sizes=1, latency_from="prior")],
@@ -213,7 +234,7 @@ def test_calibration_and_shared_machines_set_the_speeds(two_stage: tuple[Path, P
     assert shared["h1:cpu0"] == pytest.approx(plain["h1:cpu0"] / 2)
     calibrated = device_tflops(with_calibration(parse_topology(raw), sample_calibration()),
                                model)
-    # measured with 2 workers on the machine's core, and 2 share it here: as measured
+    # measured at half a core, and 2 workers share the one core here: as measured
     assert calibrated["h1:cpu0"] == pytest.approx(tflops_of(0.01, model))
     assert calibrated["h2:cpu0"] == shared["h2:cpu0"]
     link = with_calibration(parse_topology(raw), sample_calibration()).link("h1", "h2")

@@ -13,7 +13,7 @@ it. It may also be a `calibration:` section of topology.yaml. Version 1:
       step_overhead_s: 0.004        # measured step less the calibrated simulation
       devices:                      # compute under the run's contention
         - {device: h1:cpu0, seconds_per_layer_per_sample: 0.0012, workers_on_machine: 4,
-           samples: 144, backward_forward_ratio: 2.1}
+           core_share: 0.8, samples: 144, backward_forward_ratio: 2.1}
       links:                        # least squares of transfer time over size
         - {a: h1, b: h3, latency_ms: 10.2, bandwidth_gbps: 0.048, samples: 72, sizes: 1,
            latency_from: prior}
@@ -21,9 +21,11 @@ it. It may also be a `calibration:` section of topology.yaml. Version 1:
 
 `seconds_per_layer_per_sample` is forward + backward of one layer for one sample, as
 measured while `workers_on_machine` workers shared the device's machine (hosts of one
-machine: the same `machine` in topology.yaml). `with_calibration` puts the links'
-figures into a topology and attaches the rest; the estimate reads the devices' figures
-from there (`holmes.calibration`). A bad file is one `InputError` naming the field.
+machine: the same `machine` in topology.yaml); `core_share` is the share of a core its
+tasks had on average (min(1, cores / tasks running at once on the machine)).
+`holmes.calibration.with_calibration` puts the links' figures into a topology and
+attaches the rest; the estimate reads the devices' figures from there. A bad file is
+one `InputError` naming the field.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class DeviceFit(Strict):
     device: DeviceName
     seconds_per_layer_per_sample: bounded_float(0, 1e6, "s", low_open=True)
     workers_on_machine: bounded_int(1, 1_000_000) = 1
+    core_share: bounded_float(0, 1, low_open=True) = 1.0
     samples: Count = 0
     backward_forward_ratio: bounded_float(0, 1000) | None = None
 
