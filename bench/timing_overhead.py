@@ -55,7 +55,7 @@ def worker(args: argparse.Namespace) -> None:
     dist.barrier()
     last = time.perf_counter()
     for step in trainer.steps():
-        on = (step // args.block) % 2 == 1
+        on = (step // args.block) % 2 == (0 if args.swap else 1)
         trainer.record_timings(on)
         batches = {mb: batch(train, step, mb, m.microbatch, m.seq_len, 0)
                    for mb in trainer.microbatches()}
@@ -112,6 +112,7 @@ def driver(args: argparse.Namespace) -> int:
     done = subprocess.run([sys.executable, "-m", "cli", "launch", str(out / "plan.yaml"),
                            "--via", "local", "--", str(Path(__file__).resolve()), "--worker",
                            "--steps", str(args.steps), "--block", str(args.block),
+                           *(["--swap"] if args.swap else []),
                            "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         print(done.stdout[-2000:] + done.stderr[-3000:], file=sys.stderr)
@@ -140,6 +141,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--block", type=int, default=5)
     p.add_argument("--out", help="folder for the plan, timings and step times")
+    p.add_argument("--swap", action="store_true",
+                   help="record in the even blocks instead (to see a block-order effect)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
