@@ -262,11 +262,13 @@ def _lane_sampled(replica: Stages) -> bool:
 def estimate(layout: Layout, partition: Partition, ctx: Context, sync: str,
              routes: list[list[Route]] | None = None, timeline: bool = True,
              in_flight: Mapping[str, int] | None = None) -> Estimate:
-    """`_estimate`, and where CPU workers share a machine's cores, again with the busy
-    fraction it predicts (workers waiting in a bubble leave their core to the others;
-    `holmes.calibration`), CPU_SHARING_ROUNDS times."""
+    """`_estimate`; with a calibration, where CPU workers share a machine's cores, again
+    with the busy fraction it predicts (workers waiting in a bubble leave their core to
+    the others; `holmes.calibration`), CPU_SHARING_ROUNDS times. Without one every worker
+    counts as always busy (docs/fidelity.md has both, measured)."""
     result = _estimate(layout, partition, ctx, sync, routes, timeline, in_flight)
-    if not calibration.shares_cores(ctx.topology, layout.devices()):
+    if ctx.topology.calibration is None or not calibration.shares_cores(ctx.topology,
+                                                                        layout.devices()):
         return result
     for _ in range(CPU_SHARING_ROUNDS):
         busy = calibration.busy_fraction(result.bubble_fraction, result.iteration_s,
