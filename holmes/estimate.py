@@ -27,6 +27,7 @@ point-to-point neighbours).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -34,7 +35,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from holmes import costs
+from holmes import calibration, costs
 from holmes.assumptions import CostAssumptions, default_costs
 from holmes.fabric import Fabric
 from holmes.model import ModelConfig
@@ -104,14 +105,16 @@ class Context:
     selection: Selection = "per-communicator"
     optimizer_sharding: str = "zero1"  # or "none": see `optimizer_shards`
     assumptions: CostAssumptions = field(default_factory=default_costs)
+    busy_fraction: float = 1.0  # of a step a worker computes (CPU sharing: holmes.calibration)
 
     @property
     def microbatch(self) -> int:
         return self.config.training.microbatch
 
     def tflops(self, device: str) -> float | None:
-        """The device's effective TFLOPS: stated x its compute efficiency."""
-        raw = self._device(device).tflops
+        """The device's effective TFLOPS: stated (calibrated, and shared among a machine's
+        CPU workers: `holmes.calibration`) x its compute efficiency."""
+        raw = self._raw_tflops[device]
         return None if raw is None else raw * self.efficiency(device)
 
     def efficiency(self, device: str) -> float:
@@ -120,7 +123,7 @@ class Context:
 
     def layer_forward_s(self, device: str) -> float:
         """Forward seconds of one layer for one sample on `device` (efficiency applied)."""
-        raw = self._device(device).tflops
+        raw = self._raw_tflops[device]
         return costs.layer_forward_seconds(self.config.model, raw) / self.efficiency(device)
 
     @property
@@ -138,10 +141,15 @@ class Context:
         `layers` layers: from the head's FLOPs, or a fraction of the stage's forward."""
         share = self.assumptions.head_loss
         if share == "flops":
-            raw = self._device(device).tflops
+            raw = self._raw_tflops[device]
             head = costs.head_forward_seconds(self.config.model, raw) / self.efficiency(device)
             return (1.0 + self.assumptions.backward_ratio) * self.microbatch * head
         return share * (layers * self.microbatch * self.layer_forward_s(device))
+
+    @functools.cached_property
+    def _raw_tflops(self) -> dict[str, float | None]:
+        return calibration.device_tflops(self.topology, self.config.model,
+                                         self.config.training.recompute, self.busy_fraction)
 
     def memory_bytes(self, device: str) -> float:
         return usable_memory_gb(self._device(device)) * costs.GB
@@ -312,6 +320,28 @@ def _lane_sampled(replica: Stages) -> bool:
 def estimate(layout: Layout, partition: Partition, ctx: Context, sync: str,
              routes: list[list[Route]] | None = None, timeline: bool = True,
              in_flight: Mapping[str, int] | None = None) -> Estimate:
+    """`_estimate`; with a calibration, where CPU workers share a machine's cores, again
+    with the busy fraction it predicts (workers waiting in a bubble leave their core to
+    the others; `holmes.calibration`), CPU_SHARING_ROUNDS times. Without one every worker
+    counts as always busy (docs/fidelity.md has both, measured)."""
+    result = _estimate(layout, partition, ctx, sync, routes, timeline, in_flight)
+    if ctx.topology.calibration is None or not calibration.shares_cores(ctx.topology,
+                                                                        layout.devices()):
+        return result
+    for _ in range(CPU_SHARING_ROUNDS):
+        busy = calibration.busy_fraction(result.bubble_fraction, result.iteration_s,
+                                         result.step_s)
+        result = _estimate(layout, partition, dataclasses.replace(ctx, busy_fraction=busy),
+                           sync, routes, timeline, in_flight)
+    return result
+
+
+CPU_SHARING_ROUNDS = 2
+
+
+def _estimate(layout: Layout, partition: Partition, ctx: Context, sync: str,
+              routes: list[list[Route]] | None = None, timeline: bool = True,
+              in_flight: Mapping[str, int] | None = None) -> Estimate:
     """Simulate every replica with `partition` and add the sync between replicas.
 
     `routes` (per replica) default to full-pipeline routes; a plan's own routes may be
@@ -340,7 +370,7 @@ def estimate(layout: Layout, partition: Partition, ctx: Context, sync: str,
         for (a, b), nbytes in result.bytes_per_link.items():
             bytes_per_step[_link_class(ctx, a, b)] += nbytes * lanes
         _add_data_parallel_bytes(bytes_per_step, layout, replica, partition, ctx)
-    iteration_s = max(r.iteration_s for r in results)
+    iteration_s = max(r.iteration_s for r in results) + calibration.step_overhead_s(ctx.topology)
     sync_s, notes = _sync_cost(layout, partition, ctx, sync, iteration_s, bytes_per_step,
                                forced)
     step_s = iteration_s + sync_s

@@ -96,6 +96,10 @@ def test_demo_local_plans_and_trains_on_loopback(tmp_path: Path) -> None:
     metrics = json.loads((tmp_path / "d" / "metrics.json").read_text())
     assert [entry["step"] for entry in metrics["curve"]][-1] == 6
     assert math.isfinite(metrics["eval_loss"])
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith("predicted ") and "measured" in last and "error" in last
+    assert "machine:" in (tmp_path / "d" / "topology.yaml").read_text()
+    assert list((tmp_path / "d" / "timings").glob("rank*.jsonl"))
 
 
 @pytest.mark.root
