@@ -17,11 +17,14 @@ so (every host has this machine's boot id), so the estimate divides the CPU amon
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +32,7 @@ import click
 
 from cli.errors import EXIT_INCOMPLETE, reports_input_errors
 from topology.errors import InputError
-from topology.lab import find_lab, lab_down, lab_up, wan_bytes_sent
+from topology.lab import STATE_DIR, LabError, find_lab, lab_down, lab_up, wan_bytes_sent
 from topology.lab_probe import probe_lab
 from topology.lab_spec import LabSpec, load_lab_spec
 from topology.probe import ProbeOptions
@@ -68,9 +71,32 @@ def demo(output_dir: Path, force_local: bool, steps: int) -> None:
     if force_local or not lab_available():
         status = _local_demo(output_dir, steps, forced=force_local)
     else:
-        status = _lab_demo(output_dir, steps)
+        try:
+            with _demo_lab_lock():
+                status = _lab_demo(output_dir, steps)
+        except LabError as exc:
+            click.echo(f"error: {exc}", err=True)
+            status = EXIT_INCOMPLETE
     if status != 0:
         sys.exit(EXIT_INCOMPLETE)
+
+
+@contextlib.contextmanager
+def _demo_lab_lock() -> Iterator[None]:
+    """Hold the demo lab for this process: a second demo is refused, not let take it down.
+
+    The lab's name is fixed, so without this a demo started while another runs would
+    remove the running one's namespaces (its first step takes down a stale demo lab).
+    """
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    path = STATE_DIR / f"{DEMO_NAME}.lock"
+    with open(path, "a", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(f"another `hetsched demo` is running its lab on this machine "
+                             f"(it holds {path}); wait for it, or pass --local") from None
+        yield
 
 
 def _lab_demo(out: Path, steps: int) -> int:
