@@ -66,7 +66,9 @@ _HELP = """Run PLAN_FILE: one torchrun per host of the plan's `launch` section.
 Put `--` before SCRIPT: everything after it goes to torchrun's script unchanged.
 Each host's processes get HETSCHED_PLAN, HETSCHED_HOST and the NCCL/gloo variables of
 their process groups. Output is streamed with a `[host]` prefix; when one host fails,
-the others are stopped and the exit status is 1. Refused (exit 2) when the plan was made
+the others are stopped and the exit status is 1. A host whose workers send no heartbeat
+or make no progress for the plan's hang timeout (--hang-timeout) is named as hung, and
+the launch stops the same way (docs/faults.md). Refused (exit 2) when the plan was made
 for another topology or a host is unreachable, unless --force.
 """
 
@@ -92,11 +94,14 @@ for another topology or a host is unreachable, unless --force.
               help="--via ssh: the torchrun command on the remote hosts.")
 @click.option("--remote-plan", metavar="PATH",
               help="--via ssh: HETSCHED_PLAN on the remote hosts (default: this plan's path).")
+@click.option("--hang-timeout", "hang_timeout", type=click.FloatRange(min=1, max=1e6),
+              metavar="SECONDS", help="A host whose workers send no heartbeat or make no "
+              "progress this long is hung (default: the plan's launch_policy.hang_timeout_s).")
 @reports_input_errors
 def launch(plan_file: Path, script: tuple[str, ...], via: Via, lab_name: str | None,
            dry_run: bool, as_json: bool, force: bool, topology_file: Path | None,
            rdzv_id: str | None, max_restarts: int, torchrun_command: str,
-           remote_plan: str | None) -> None:
+           remote_plan: str | None, hang_timeout: float | None) -> None:
     if as_json and not dry_run:
         raise InputError("--json is only for --dry-run", field="--json")
     if not shlex.split(torchrun_command):
@@ -121,9 +126,11 @@ def launch(plan_file: Path, script: tuple[str, ...], via: Via, lab_name: str | N
         return
     _check_reachable(commands, spec, lab, force)
     printer = Printer(sys.stdout, sys.stderr)
+    timeout_s = hang_timeout or plan.launch_policy.hang_timeout_s
     printer.note(f"{_count(len(commands), 'host', 'hosts')} via {via}, rendezvous "
-                 f"{commands[0].rdzv_endpoint} (id {spec.rdzv_id})")
-    outcome = supervise(commands, printer)
+                 f"{commands[0].rdzv_endpoint} (id {spec.rdzv_id}), hang timeout "
+                 f"{timeout_s:g} s")
+    outcome = supervise(commands, printer, hang_timeout_s=timeout_s)
     report(outcome, printer)
     sys.exit(outcome.exit_code)
 

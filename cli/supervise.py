@@ -7,6 +7,11 @@ non-zero or by a signal is the failure: the others get SIGTERM (torchrun passes 
 its workers), and whatever still runs after `grace_s` gets SIGKILL, including workers
 that torchrun started in sessions of their own. Ctrl-C or SIGTERM to the launcher stops
 everything the same way. The outcome names the failed host and why.
+
+Heartbeat lines (`holmes.heartbeat`) are taken out of the stream and fed to a
+`cli.hangs.HangWatch`; when it judges a host hung (no heartbeat, or no progress, for
+`hang_timeout_s`), that host is the failure: its processes get SIGKILL at once (a stopped
+process cannot act on SIGTERM), the others are stopped as above.
 """
 
 from __future__ import annotations
@@ -24,10 +29,13 @@ from typing import IO, TextIO
 
 import psutil
 
+from cli.hangs import Hang, HangWatch
 from cli.torchrun import HostCommand
+from holmes.heartbeat import split_beat
 
 POLL_S = 0.2
 GRACE_S = 5.0
+HANG_TIMEOUT_S = 60.0
 SNAPSHOT_EVERY_S = 1.0
 READER_JOIN_S = 2.0
 EXIT_FAILED = 1
@@ -102,6 +110,7 @@ class Outcome:
     failed_host: str | None = None
     reason: str = ""
     interrupted: bool = False
+    hung: tuple[str, ...] = ()
 
     @property
     def exit_code(self) -> int:
@@ -121,15 +130,20 @@ def exit_reason(returncode: int) -> str:
 
 
 def supervise(commands: Sequence[HostCommand], printer: Printer, *, poll_s: float = POLL_S,
-              grace_s: float = GRACE_S) -> Outcome:
-    """Run every host's command until all succeed, one fails, or the launcher is stopped."""
+              grace_s: float = GRACE_S, hang_timeout_s: float = HANG_TIMEOUT_S) -> Outcome:
+    """Run every host's command until all succeed, one fails or hangs, or the launcher is
+    stopped."""
     running: list[HostProcess] = []
-    failed_host, reason, interrupted = None, "", False
+    watch = HangWatch(hang_timeout_s)
+    failed_host, reason, interrupted, hang = None, "", False, None
     try:
         with _stop_on_signals():
-            failed_host, reason = _start_all(commands, printer, running)
-            failed = _watch(running, poll_s) if failed_host is None else None
-            if failed is not None:
+            failed_host, reason = _start_all(commands, printer, running, watch)
+            failed = _watch(running, poll_s, watch) if failed_host is None else None
+            if isinstance(failed, Hang):
+                hang, failed_host, reason = failed, ", ".join(failed.hosts), failed.reason
+                _kill_hosts(running, set(failed.hosts))
+            elif failed is not None:
                 failed_host, reason = failed.host, exit_reason(failed.process.returncode)
     except Interrupted as exc:
         interrupted, reason = True, f"the launcher got {exc}"
@@ -140,7 +154,7 @@ def supervise(commands: Sequence[HostCommand], printer: Printer, *, poll_s: floa
     results = {hp.host: HostResult(hp.host, hp.process.returncode, hp.stopped) for hp in running}
     return Outcome(
         tuple(results.get(c.host, HostResult(c.host, None, False)) for c in commands),
-        failed_host, reason, interrupted)
+        failed_host, reason, interrupted, hang.hosts if hang else ())
 
 
 @contextmanager
@@ -162,34 +176,38 @@ def _stop_on_signals() -> Iterator[None]:
 
 
 def _start_all(commands: Sequence[HostCommand], printer: Printer,
-               running: list[HostProcess]) -> tuple[str | None, str]:
+               running: list[HostProcess], watch: HangWatch) -> tuple[str | None, str]:
     """Start every host into `running`; on a command that cannot start: its host and why."""
     for command in commands:
         try:
-            running.append(_start(command, printer))
+            running.append(_start(command, printer, watch))
         except OSError as exc:
             return command.host, f"cannot start {command.argv[0]}: {exc}"
     return None, ""
 
 
-def _start(command: HostCommand, printer: Printer) -> HostProcess:
+def _start(command: HostCommand, printer: Printer, watch: HangWatch) -> HostProcess:
     env = {**os.environ, **command.popen_env}
     process = subprocess.Popen(list(command.argv), env=env, stdin=subprocess.DEVNULL,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                start_new_session=True)
     printer.note(f"{command.host}: started (pid {process.pid})")
     assert process.stdout is not None and process.stderr is not None
-    readers = [_reader(process.stdout, command.host, printer, error=False),
-               _reader(process.stderr, command.host, printer, error=True)]
+    readers = [_reader(process.stdout, command.host, printer, watch, error=False),
+               _reader(process.stderr, command.host, printer, watch, error=True)]
     return HostProcess(command, process, readers)
 
 
-def _reader(pipe: IO[bytes], host: str, printer: Printer, *, error: bool) -> threading.Thread:
+def _reader(pipe: IO[bytes], host: str, printer: Printer, watch: HangWatch, *,
+            error: bool) -> threading.Thread:
     def pump() -> None:
         with pipe:
             for raw in iter(pipe.readline, b""):
-                text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
-                printer.line(f"[{host}] {text}", error=error)
+                text, beat = split_beat(raw.decode("utf-8", errors="replace").rstrip("\r\n"))
+                if beat is not None:
+                    watch.feed(host, beat, time.monotonic())
+                if beat is None or text:
+                    printer.line(f"[{host}] {text}", error=error)
 
     thread = threading.Thread(target=pump, name=f"launch-{host}-{'err' if error else 'out'}",
                               daemon=True)
@@ -197,8 +215,9 @@ def _reader(pipe: IO[bytes], host: str, printer: Printer, *, error: bool) -> thr
     return thread
 
 
-def _watch(running: list[HostProcess], poll_s: float) -> HostProcess | None:
-    """Poll until every host exited 0 (None) or one failed (that host)."""
+def _watch(running: list[HostProcess], poll_s: float,
+           watch: HangWatch) -> HostProcess | Hang | None:
+    """Poll until every host exited 0 (None), one failed (that host) or hung (the hang)."""
     last_snapshot = 0.0
     while True:
         now = time.monotonic()
@@ -212,7 +231,23 @@ def _watch(running: list[HostProcess], poll_s: float) -> HostProcess | None:
                 return hp
         if all(code == 0 for code in codes):
             return None
+        hang = watch.verdict(time.monotonic(),
+                             {hp.host for hp, code in zip(running, codes, strict=True)
+                              if code is None})
+        if hang is not None:
+            return hang
         time.sleep(poll_s)
+
+
+def _kill_hosts(running: list[HostProcess], hosts: set[str]) -> None:
+    """SIGKILL the hung hosts' process groups and every descendant seen."""
+    for hp in running:
+        if hp.host in hosts and hp.process.poll() is None:
+            hp.stopped = True
+            hp.snapshot()
+            _signal_group(hp.process.pid, signal.SIGKILL)
+            for child in hp.descendants.values():
+                _kill(child)
 
 
 def _stop_all(running: list[HostProcess], grace_s: float, printer: Printer) -> None:
@@ -255,6 +290,10 @@ def report(outcome: Outcome, printer: Printer) -> None:
         printer.note(f"{result.host}: {result.describe()}")
     if outcome.interrupted:
         printer.note(f"stopped every host: {outcome.reason}")
+    elif outcome.hung:
+        noun = "host" if len(outcome.hung) == 1 else "hosts"
+        printer.note(f"{noun} {', '.join(outcome.hung)} hung: {outcome.reason}; "
+                     "stopped the other hosts")
     elif outcome.failed_host is not None:
         printer.note(f"host {outcome.failed_host} failed: {outcome.reason}; "
                      "stopped the other hosts")

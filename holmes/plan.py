@@ -2,8 +2,8 @@
 
 Stable keys (tools and people diff these files): `version`, `topology_sha256`, `model`,
 `sync`, `replicas`, `stages`, `paths`, `groups`, `diloco`, `optimizer`, `launch`,
-`estimates`, and `nccl_net_selection`, `left_out`, `idle` (see `Group`, `LeftOutHost`,
-`IdleDevice`). The file
+`launch_policy`, `estimates`, and `nccl_net_selection`, `left_out`, `idle` (see `Group`,
+`LeftOutHost`, `IdleDevice`). The file
 starts with a comment that says the plan in words. Devices are named `host:device`
 (`a1:gpu0`); ranks follow `launch` (node by node, device by device). Layer ranges are
 half-open: `layers: [0, 4]` holds layers 0, 1, 2 and 3.
@@ -153,6 +153,14 @@ class LaunchHost(Strict):
     rdzv_endpoint: Endpoint
 
 
+class LaunchPolicy(Strict):
+    """How `hetsched launch` watches the run: a host whose workers send no heartbeat, or
+    make no progress, for `hang_timeout_s` is named as hung and the launch is stopped
+    (`cli.hangs`). A plan written before this key existed loads with the default."""
+
+    hang_timeout_s: bounded_float(1, 1e6, "s") = 60.0
+
+
 class Skipping(Strict):
     """SkipPipe paths: the skip ratio and swap limit the routes in `paths` obey, and how
     many microbatches each device may hold at once (its memory cap while routes skip)."""
@@ -193,6 +201,7 @@ class Plan(Strict):
     optimizer: OptimizerSettings = Field(
         default_factory=lambda: OptimizerSettings(sharding="none"))
     launch: list[LaunchHost] = Field(min_length=1, max_length=MAX_HOSTS)
+    launch_policy: LaunchPolicy = Field(default_factory=LaunchPolicy)
     estimates: Estimates
     left_out: list[LeftOutHost] = Field(default_factory=list, max_length=MAX_HOSTS)
     idle: list[IdleDevice] = Field(default_factory=list, max_length=MAX_WORLD)

@@ -25,6 +25,7 @@ from holmes.plan import (
     Group,
     IdleDevice,
     LaunchHost,
+    LaunchPolicy,
     LeftOutHost,
     MicrobatchPath,
     OptimizerSettings,
@@ -41,6 +42,8 @@ from topology.schema import Topology
 IDLE_WARNING_FRACTION = 0.10
 
 RDZV_PORT = 29400
+HANG_TIMEOUT_FLOOR_S = 60.0
+HANG_TIMEOUT_STEPS = 10
 
 
 def build_plan(decision: Decision, topology_file: str | None = None,
@@ -69,6 +72,7 @@ def build_plan(decision: Decision, topology_file: str | None = None,
         diloco=_diloco(decision) if chosen.sync == "diloco" else None,
         optimizer=OptimizerSettings(sharding=ctx.optimizer_sharding),
         launch=launch,
+        launch_policy=LaunchPolicy(hang_timeout_s=hang_timeout_s(chosen.step_s)),
         estimates=Estimates(
             iteration_s=round(chosen.step_s, 6), tokens_per_s=round(chosen.tokens_per_s, 1),
             bytes_per_step={k: round(v) for k, v in sorted(chosen.bytes_per_step.items())},
@@ -77,6 +81,13 @@ def build_plan(decision: Decision, topology_file: str | None = None,
         left_out=[LeftOutHost(host=h.host, reason=h.reason) for h in decision.left_out],
         idle=idle_devices(decision),
     )
+
+
+def hang_timeout_s(step_s: float) -> float:
+    """How long a host may make no progress before the launcher calls it hung: ten of the
+    plan's estimated steps, never under a minute (a DiLoCo sync step and a slow host's
+    step run longer than the average)."""
+    return float(max(HANG_TIMEOUT_FLOOR_S, round(HANG_TIMEOUT_STEPS * step_s)))
 
 
 def _device_kind(topology: Topology, device: str) -> str:
@@ -256,6 +267,12 @@ def left_out_lines(plan: Plan) -> list[str]:
     hosts = "; ".join(f"{h.host}: {h.reason}" for h in plan.left_out[:5])
     more = f"; and {len(plan.left_out) - 5} more" if len(plan.left_out) > 5 else ""
     return [f"Left out: {_count(len(plan.left_out), 'host')} ({hosts}{more})."]
+
+
+def fault_lines(plan: Plan) -> list[str]:
+    """How the run is watched for faults: the launcher's hang timeout."""
+    return [f"Faults: a host is hung after {plan.launch_policy.hang_timeout_s:g} s without "
+            "a heartbeat or progress (launch_policy.hang_timeout_s)."]
 
 
 def idle_lines(plan: Plan) -> list[str]:

@@ -32,6 +32,9 @@ optimizer step per `step(batches)`:
    count, layer split or data-parallel width; by default the environment's
    `HETSCHED_RESUME_FROM`, so a launcher can hand it to every rank of any script), so a
    torchrun restart continues the same run and a new plan continues an old one.
+6. under `hetsched launch`, a `holmes.heartbeat.Heartbeat` beats from construction on
+   and reports each finished step; `finish()` says the rank is done, so the launcher
+   can tell a hung host from a slow one (`cli.hangs`).
 
 Parameters of the model a rank does not hold (other stages' blocks) are never trained
 there; `gather_model()` copies every replica-0 parameter to rank 0 for evaluation.
@@ -53,6 +56,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from diloco import DiLoCo, DiLoCoConfig
+from holmes.heartbeat import Heartbeat
 from holmes.runtime import checkpoints, train_state
 from holmes.runtime.links import link_classes, slowest_class
 from holmes.runtime.plan_run import PlanRun
@@ -81,6 +85,7 @@ class Trainer:
                  checkpoint_dir: str | Path | None = None, checkpoint_every: int = 50,
                  resume_from: str | Path | None = None, log_every: int = 10,
                  log: Callable[[str], None] | None = None) -> None:
+        self.heartbeat = Heartbeat.from_env(run.placement.torch_rank)
         self.checkpoint_dir = checkpoints.checkpoint_folder(checkpoint_dir)
         self.resume_from = checkpoints.checkpoint_folder(
             resume_from or os.environ.get(checkpoints.RESUME_FROM_ENV), must_exist=True)
@@ -137,6 +142,8 @@ class Trainer:
         self._window.extend(losses.values())
         self._window_steps += 1
         done = step + 1
+        if self.heartbeat is not None:
+            self.heartbeat.progress(done)
         log = self._log(done) if done % self.log_every == 0 or done == self.total_steps else None
         if self.checkpoint_dir and (done % self.checkpoint_every == 0 or self._owed):
             self._checkpoint(done)
@@ -152,6 +159,9 @@ class Trainer:
             self.diloco.close()
         if self.checkpoint_dir and (self._saved != self.total_steps or _any_rank(merged)):
             self._checkpoint(self.total_steps, final=True)
+        if self.heartbeat is not None:
+            self.heartbeat.close()
+            self.heartbeat = None
 
     @torch.no_grad()
     def gather_model(self, model: nn.Module) -> bool:

@@ -1,0 +1,181 @@
+"""`hetsched launch` under faults: hung hosts found, no orphans, timeouts from the plan.
+
+The launches are real: two torchruns on this machine run tests/launch_script.py over gloo
+on loopback, and the faults are real signals (SIGSTOP to a worker, SIGKILL to the
+launcher). `HangWatch` is also driven directly with heartbeats to pin down its judgement.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from test_launch import (
+    SCRIPT,
+    _env,
+    alive,
+    edit_plan,
+    hetsched,
+    make_plan,
+    read_lines,
+    two_local_topology,
+    wait_for,
+)
+
+from cli.hangs import HangWatch
+from holmes.heartbeat import Beat, split_beat
+from holmes.plan import load_plan
+
+HANG_S = 5.0
+
+
+@pytest.fixture(scope="module")
+def local_plan(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_plan(tmp_path_factory.mktemp("local"), two_local_topology(), "-m", "tiny-gpt")
+
+
+class Launch:
+    """A launch running in the background, its output read line by line."""
+
+    def __init__(self, plan: Path, work: Path, *args: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "cli", "launch", str(plan), "--via", "local", *args],
+            cwd=work, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=read_lines, args=(self.process.stdout, self.lines),
+                         daemon=True).start()
+
+    def wait_for(self, predicate: Any, timeout: float = 90) -> str:
+        return wait_for(self.lines, self.seen, predicate, timeout)
+
+    def finish(self, timeout: float) -> str:
+        try:
+            self.process.wait(timeout=timeout)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait(timeout=30)
+        time.sleep(0.5)
+        while not self.lines.empty():
+            self.seen.append(self.lines.get())
+        return "\n".join(self.seen)
+
+
+def worker_pids(work: Path) -> list[int]:
+    return [json.loads((work / f"rank{r}.json").read_text())["pid"] for r in (0, 1)]
+
+
+def test_a_stopped_worker_is_named_hung_and_the_launch_ends(local_plan: Path,
+                                                            tmp_path: Path) -> None:
+    launch = Launch(local_plan, tmp_path, "--hang-timeout", str(HANG_S), "--", str(SCRIPT),
+                    "--steps", "100000", "--sleep", "0.2", "--out", str(tmp_path))
+    launch.wait_for(lambda s: s.startswith("[h2] rank 1 step 3"))
+    victim = worker_pids(tmp_path)[1]
+    os.kill(victim, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    output = launch.finish(timeout=HANG_S + 60)
+    elapsed = time.monotonic() - stopped_at
+    assert launch.process.returncode == 1, output
+    assert f"host h2 hung: rank 1 (pid {victim}) sent no heartbeat for" in output
+    assert "h1: stopped by the launcher" in output
+    assert "@hetsched-beat" not in output  # heartbeats are not shown
+    assert elapsed < HANG_S + 10, f"{elapsed:.1f} s after SIGSTOP\n{output}"
+    assert not [pid for pid in worker_pids(tmp_path) if alive(pid)], "a worker outlived it"
+
+
+def test_a_worker_stuck_while_beating_is_named_by_its_step(local_plan: Path,
+                                                           tmp_path: Path) -> None:
+    """Rank 1 stops reporting steps (its heartbeat goes on); rank 0 waits for it one
+    step further on: the host behind is the one named."""
+    launch = Launch(local_plan, tmp_path, "--hang-timeout", str(HANG_S), "--", str(SCRIPT),
+                    "--steps", "100000", "--sleep", "0.1", "--stall-rank", "1",
+                    "--stall-at", "3", "--out", str(tmp_path))
+    output = launch.finish(timeout=HANG_S + 120)
+    assert launch.process.returncode == 1, output
+    assert "host h2 hung: no progress for" in output
+    assert "rank 1 (pid" in output and "stuck after step 3 while still beating" in output
+    assert not [pid for pid in worker_pids(tmp_path) if alive(pid)]
+
+
+def test_a_slow_first_step_is_not_a_hang(local_plan: Path, tmp_path: Path) -> None:
+    """Start-up and the first step may take longer than the hang timeout."""
+    done = hetsched("launch", str(local_plan), "--via", "local", "--hang-timeout", "2", "--",
+                    str(SCRIPT), "--steps", "3", "--first-sleep", "6", cwd=tmp_path,
+                    timeout=150)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "all 2 hosts finished" in done.stderr and "hung" not in done.stderr
+    assert "hang timeout 2 s" in done.stderr
+
+
+def test_old_plans_get_the_default_hang_timeout_and_show_it(local_plan: Path,
+                                                            tmp_path: Path) -> None:
+    assert yaml.safe_load(local_plan.read_text())["launch_policy"] == {"hang_timeout_s": 60.0}
+
+    def old(data: dict[str, Any]) -> None:
+        del data["launch_policy"]
+
+    plan = edit_plan(local_plan, tmp_path / "old", old)
+    assert load_plan(plan).launch_policy.hang_timeout_s == 60.0
+    shown = hetsched("show", str(plan))
+    assert shown.returncode == 0, shown.stderr
+    assert "hung after 60 s without a heartbeat" in shown.stdout
+
+    def bad(data: dict[str, Any]) -> None:
+        data["launch_policy"] = {"hang_timeout_s": 0}
+
+    refused = hetsched("show", str(edit_plan(local_plan, tmp_path / "bad", bad)))
+    assert refused.returncode == 2 and "launch_policy.hang_timeout_s" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+def test_heartbeat_lines_are_split_from_the_output() -> None:
+    beat = Beat(3, 17, 4242)
+    assert split_beat(beat.line()) == ("", beat)
+    assert split_beat("loss 1.2" + beat.line()) == ("loss 1.2", beat)
+    assert split_beat(Beat(0, 1, 2, done=True).line())[1] == Beat(0, 1, 2, True)
+    assert split_beat("@hetsched-beat rank=x") == ("@hetsched-beat rank=x", None)
+    assert split_beat("plain") == ("plain", None)
+
+
+def test_hang_watch_judgement() -> None:
+    watch = HangWatch(timeout_s=10)
+    hosts = {"h1", "h2"}
+    for rank, host in ((0, "h1"), (1, "h2")):
+        watch.feed(host, Beat(rank, 0, 100 + rank), now=0)
+    assert watch.verdict(100, hosts) is not None  # silent since 0
+    for t in range(0, 100, 1):  # a first step of 100 s while beating: not a hang
+        for rank, host in ((0, "h1"), (1, "h2")):
+            watch.feed(host, Beat(rank, 0, 100 + rank), now=t)
+        assert watch.verdict(t, hosts) is None
+    watch.feed("h1", Beat(0, 1, 100), now=100)
+    watch.feed("h2", Beat(1, 1, 101), now=100)
+    watch.feed("h1", Beat(0, 2, 100), now=101)  # h1 one step further, then both stuck
+    for t in range(101, 112):
+        watch.feed("h1", Beat(0, 2, 100), now=t)
+        watch.feed("h2", Beat(1, 1, 101), now=t)
+    hang = watch.verdict(111, hosts)
+    assert hang is not None and hang.hosts == ("h2",)
+    assert hang.reason.startswith("no progress for 11 s")
+    assert watch.verdict(112, {"h1"}) is not None  # h1 itself stalls a second later
+    watch.feed("h1", Beat(0, 2, 100, done=True), now=112)
+    assert watch.verdict(112, {"h1"}) is None  # done ranks are not watched
+
+
+def test_launch_passes_on_a_failed_worker(local_plan: Path, tmp_path: Path) -> None:
+    done = hetsched("launch", str(local_plan), "--via", "local", "--", str(SCRIPT),
+                    "--steps", "100", "--sleep", "0.2", "--exit-rank", "1", "--exit-code", "2",
+                    cwd=tmp_path, timeout=150)
+    assert done.returncode != 0, done.stdout + done.stderr
+    assert "host h2 failed" in done.stderr and "hung" not in done.stderr
+
