@@ -12,7 +12,9 @@ until it says `state=done` or its host exits. Two ways to hang, both against the
   step's warm-up) never counts however short the timeout. When one rank stalls the others
   usually stall with it, waiting for it in a collective, so the host named is the one
   that went silent first if any rank is silent for longer than `SILENT_HINT_S`, else the
-  host(s) at the lowest step.
+  host(s) at the lowest step among the ranks idle for nearly as long (`STEP_SLACK_S`
+  less: heartbeats come once a second, so the rank that stopped first may be heard
+  stopping a moment after the ones that wait for it).
 
 A script that never starts a heartbeat is never judged (there is nothing to go by).
 Times are this machine's monotonic clock at arrival, so remote clocks do not matter.
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 from holmes.heartbeat import Beat
 
 SILENT_HINT_S = 5.0
+STEP_SLACK_S = 3.0
 
 
 @dataclass
@@ -87,11 +90,13 @@ class HangWatch:
         quiet = [r for r in watched if now - r.seen_at > SILENT_HINT_S]
         if quiet:
             return self._silent_hang(quiet, now)
-        lowest = min(r.step for r in watched)
-        behind = [r for r in stalled if r.step == lowest] or stalled
+        idle = [r for r in watched
+                if r.armed and now - r.moved_at > self.timeout_s - STEP_SLACK_S]
+        lowest = min(r.step for r in idle)
+        behind = [r for r in idle if r.step == lowest]
         hosts = tuple(dict.fromkeys(r.host for r in behind))
-        first = behind[0]
-        return Hang(hosts, f"no progress for {now - first.moved_at:.0f} s (hang timeout "
+        oldest, first = min(stalled, key=lambda r: r.moved_at), behind[0]
+        return Hang(hosts, f"no progress for {now - oldest.moved_at:.0f} s (hang timeout "
                     f"{self.timeout_s:g} s): rank {first.rank} (pid {first.pid}) is "
                     f"stuck after step {first.step} while still beating: waiting in a "
                     "collective or on its device")

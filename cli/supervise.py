@@ -1,12 +1,16 @@
 """Running every host's command at once and stopping them all when one fails.
 
 This module owns the life of a launch: each host's command starts in its own process
-group (argv lists, never a shell), its stdout and stderr lines stream through with a
-`[host] ` prefix, and the processes are polled every `poll_s`. The first host that exits
-non-zero or by a signal is the failure: the others get SIGTERM (torchrun passes it on to
-its workers), and whatever still runs after `grace_s` gets SIGKILL, including workers
-that torchrun started in sessions of their own. Ctrl-C or SIGTERM to the launcher stops
-everything the same way. The outcome names the failed host and why.
+group (argv lists, never a shell) under a keeper (`cli.keeper`: it stops everything the
+command started when the launcher dies, even by SIGKILL, and otherwise ends as the
+command does), its stdout and stderr lines stream through with a `[host] ` prefix, and
+the processes are polled every `poll_s`. The first host that exits non-zero or by a
+signal is the failure: the others get SIGTERM (torchrun passes it on to its workers),
+and whatever still runs after `grace_s` gets SIGKILL, including workers that torchrun
+started in sessions of their own. Ctrl-C or SIGTERM to the launcher stops everything the
+same way. The outcome names the failed host and why; when torchrun's failure summary
+says which exit status its worker ended with (the root cause), the launch ends with that
+status (a worker's `sys.exit(2)` makes the launch exit 2), else with 1.
 
 Heartbeat lines (`holmes.heartbeat`) are taken out of the stream and fed to a
 `cli.hangs.HangWatch`; when it judges a host hung (no heartbeat, or no progress, for
@@ -17,6 +21,8 @@ process cannot act on SIGTERM), the others are stopped as above.
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,6 +46,7 @@ SNAPSHOT_EVERY_S = 1.0
 READER_JOIN_S = 2.0
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
+ROOT_CAUSE = re.compile(r"exitcode\s*:\s*(-?\d+)\s*\(pid")
 
 
 class Interrupted(Exception):
@@ -111,12 +118,41 @@ class Outcome:
     reason: str = ""
     interrupted: bool = False
     hung: tuple[str, ...] = ()
+    worker_exit: int | None = None
 
     @property
     def exit_code(self) -> int:
         if self.interrupted:
             return EXIT_INTERRUPTED
-        return EXIT_FAILED if self.failed_host is not None else 0
+        if self.failed_host is None:
+            return 0
+        return self.worker_exit or EXIT_FAILED
+
+
+@dataclass
+class RootCauses:
+    """The exit status torchrun's failure summary gives as the root cause, per host.
+
+    The summary lists `exitcode : N (pid: P)` for each failed worker, the root cause
+    after a `Root Cause` line; a negative N (a signal) is not an exit status."""
+
+    statuses: dict[str, int] = field(default_factory=dict)
+    after_header: set[str] = field(default_factory=set)
+
+    def feed(self, host: str, text: str) -> None:
+        if "Root Cause" in text:
+            self.after_header.add(host)
+            return
+        match = ROOT_CAUSE.search(text)
+        if match and host in self.after_header and host not in self.statuses:
+            self.statuses[host] = int(match.group(1))
+
+    def status(self, host: str | None) -> int | None:
+        code = self.statuses.get(host or "")
+        return code if code is not None and 0 < code < 256 else None
+
+
+Watchers = tuple[HangWatch, RootCauses]
 
 
 def exit_reason(returncode: int) -> str:
@@ -134,11 +170,11 @@ def supervise(commands: Sequence[HostCommand], printer: Printer, *, poll_s: floa
     """Run every host's command until all succeed, one fails or hangs, or the launcher is
     stopped."""
     running: list[HostProcess] = []
-    watch = HangWatch(hang_timeout_s)
+    watch, causes = HangWatch(hang_timeout_s), RootCauses()
     failed_host, reason, interrupted, hang = None, "", False, None
     try:
         with _stop_on_signals():
-            failed_host, reason = _start_all(commands, printer, running, watch)
+            failed_host, reason = _start_all(commands, printer, running, (watch, causes))
             failed = _watch(running, poll_s, watch) if failed_host is None else None
             if isinstance(failed, Hang):
                 hang, failed_host, reason = failed, ", ".join(failed.hosts), failed.reason
@@ -152,9 +188,12 @@ def supervise(commands: Sequence[HostCommand], printer: Printer, *, poll_s: floa
     finally:
         _stop_all(running, grace_s, printer)
     results = {hp.host: HostResult(hp.host, hp.process.returncode, hp.stopped) for hp in running}
+    worker_exit = None if hang or interrupted else causes.status(failed_host)
+    if worker_exit is not None:
+        reason += f" (its worker exited with status {worker_exit})"
     return Outcome(
         tuple(results.get(c.host, HostResult(c.host, None, False)) for c in commands),
-        failed_host, reason, interrupted, hang.hosts if hang else ())
+        failed_host, reason, interrupted, hang.hosts if hang else (), worker_exit)
 
 
 @contextmanager
@@ -176,30 +215,35 @@ def _stop_on_signals() -> Iterator[None]:
 
 
 def _start_all(commands: Sequence[HostCommand], printer: Printer,
-               running: list[HostProcess], watch: HangWatch) -> tuple[str | None, str]:
+               running: list[HostProcess], watchers: Watchers) -> tuple[str | None, str]:
     """Start every host into `running`; on a command that cannot start: its host and why."""
     for command in commands:
         try:
-            running.append(_start(command, printer, watch))
+            running.append(_start(command, printer, watchers))
         except OSError as exc:
             return command.host, f"cannot start {command.argv[0]}: {exc}"
     return None, ""
 
 
-def _start(command: HostCommand, printer: Printer, watch: HangWatch) -> HostProcess:
+def _start(command: HostCommand, printer: Printer, watchers: Watchers) -> HostProcess:
     env = {**os.environ, **command.popen_env}
-    process = subprocess.Popen(list(command.argv), env=env, stdin=subprocess.DEVNULL,
+    if shutil.which(command.argv[0], path=env.get("PATH")) is None:
+        raise FileNotFoundError(f"{command.argv[0]}: not found")
+    keeper = [sys.executable, "-m", "cli.keeper", "--", *command.argv]
+    process = subprocess.Popen(keeper, env=env, stdin=subprocess.PIPE,  # closed if we die
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                start_new_session=True)
     printer.note(f"{command.host}: started (pid {process.pid})")
     assert process.stdout is not None and process.stderr is not None
-    readers = [_reader(process.stdout, command.host, printer, watch, error=False),
-               _reader(process.stderr, command.host, printer, watch, error=True)]
+    readers = [_reader(process.stdout, command.host, printer, watchers, error=False),
+               _reader(process.stderr, command.host, printer, watchers, error=True)]
     return HostProcess(command, process, readers)
 
 
-def _reader(pipe: IO[bytes], host: str, printer: Printer, watch: HangWatch, *,
+def _reader(pipe: IO[bytes], host: str, printer: Printer, watchers: Watchers, *,
             error: bool) -> threading.Thread:
+    watch, causes = watchers
+
     def pump() -> None:
         with pipe:
             for raw in iter(pipe.readline, b""):
@@ -207,6 +251,7 @@ def _reader(pipe: IO[bytes], host: str, printer: Printer, watch: HangWatch, *,
                 if beat is not None:
                     watch.feed(host, beat, time.monotonic())
                 if beat is None or text:
+                    causes.feed(host, text)
                     printer.line(f"[{host}] {text}", error=error)
 
     thread = threading.Thread(target=pump, name=f"launch-{host}-{'err' if error else 'out'}",

@@ -15,9 +15,11 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import yaml
 from test_launch import (
@@ -76,18 +78,28 @@ def worker_pids(work: Path) -> list[int]:
     return [json.loads((work / f"rank{r}.json").read_text())["pid"] for r in (0, 1)]
 
 
+def rank_of(work: Path, host: str) -> tuple[int, int]:
+    """(rank, pid) of `host`'s worker: torchrun's c10d rendezvous numbers the hosts in
+    the order they join, so h2 may hold rank 0."""
+    for r in (0, 1):
+        record = json.loads((work / f"rank{r}.json").read_text())
+        if record["env"]["HETSCHED_HOST"] == host:
+            return r, record["pid"]
+    raise AssertionError(f"no worker of {host}")
+
+
 def test_a_stopped_worker_is_named_hung_and_the_launch_ends(local_plan: Path,
                                                             tmp_path: Path) -> None:
     launch = Launch(local_plan, tmp_path, "--hang-timeout", str(HANG_S), "--", str(SCRIPT),
                     "--steps", "100000", "--sleep", "0.2", "--out", str(tmp_path))
-    launch.wait_for(lambda s: s.startswith("[h2] rank 1 step 3"))
-    victim = worker_pids(tmp_path)[1]
+    launch.wait_for(lambda s: s.startswith("[h2] rank ") and " step 3 " in s)
+    rank, victim = rank_of(tmp_path, "h2")
     os.kill(victim, signal.SIGSTOP)
     stopped_at = time.monotonic()
     output = launch.finish(timeout=HANG_S + 60)
     elapsed = time.monotonic() - stopped_at
     assert launch.process.returncode == 1, output
-    assert f"host h2 hung: rank 1 (pid {victim}) sent no heartbeat for" in output
+    assert f"host h2 hung: rank {rank} (pid {victim}) sent no heartbeat for" in output
     assert "h1: stopped by the launcher" in output
     assert "@hetsched-beat" not in output  # heartbeats are not shown
     assert elapsed < HANG_S + 10, f"{elapsed:.1f} s after SIGSTOP\n{output}"
@@ -103,7 +115,8 @@ def test_a_worker_stuck_while_beating_is_named_by_its_step(local_plan: Path,
                     "--stall-at", "3", "--out", str(tmp_path))
     output = launch.finish(timeout=HANG_S + 120)
     assert launch.process.returncode == 1, output
-    assert "host h2 hung: no progress for" in output
+    host = "h1" if rank_of(tmp_path, "h1")[0] == 1 else "h2"
+    assert f"host {host} hung: no progress for" in output
     assert "rank 1 (pid" in output and "stuck after step 3 while still beating" in output
     assert not [pid for pid in worker_pids(tmp_path) if alive(pid)]
 
@@ -172,10 +185,56 @@ def test_hang_watch_judgement() -> None:
     assert watch.verdict(112, {"h1"}) is None  # done ranks are not watched
 
 
-def test_launch_passes_on_a_failed_worker(local_plan: Path, tmp_path: Path) -> None:
+def test_the_rank_behind_is_named_even_when_heard_stopping_last() -> None:
+    """h2 stops at step 3; h1 finishes step 4 and waits. Heartbeats come once a second,
+    so h1's step 4 may arrive before h2's step 3: h2 is still the one behind."""
+    watch = HangWatch(timeout_s=10)
+    for rank, host in ((0, "h1"), (1, "h2")):
+        watch.feed(host, Beat(rank, 0, 100 + rank), now=0)
+    watch.feed("h1", Beat(0, 4, 100), now=1.0)
+    watch.feed("h2", Beat(1, 3, 101), now=1.8)
+    for t in range(2, 12):
+        watch.feed("h1", Beat(0, 4, 100), now=t)
+        watch.feed("h2", Beat(1, 3, 101), now=t + 0.8)
+    hang = watch.verdict(11.5, {"h1", "h2"})
+    assert hang is not None and hang.hosts == ("h2",)
+    assert "rank 1 (pid 101) is stuck after step 3" in hang.reason
+
+
+def test_a_workers_exit_status_is_the_launchs(local_plan: Path, tmp_path: Path) -> None:
+    """The worker of rank 1 exits 2 after its first step: the launch exits 2, naming its
+    host, and nothing is called hung."""
     done = hetsched("launch", str(local_plan), "--via", "local", "--", str(SCRIPT),
                     "--steps", "100", "--sleep", "0.2", "--exit-rank", "1", "--exit-code", "2",
-                    cwd=tmp_path, timeout=150)
-    assert done.returncode != 0, done.stdout + done.stderr
-    assert "host h2 failed" in done.stderr and "hung" not in done.stderr
+                    "--out", str(tmp_path), cwd=tmp_path, timeout=150)
+    host = "h1" if rank_of(tmp_path, "h1")[0] == 1 else "h2"
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"host {host} failed: exit status 1 (its worker exited with status 2)" in done.stderr
+    assert "hung" not in done.stderr
+
+
+def test_killing_the_launcher_leaves_no_process_behind(local_plan: Path,
+                                                       tmp_path: Path) -> None:
+    """SIGKILL to the launcher: its keepers stop the torchruns and workers (one of them
+    stopped with SIGSTOP, so it cannot act on SIGTERM) within 10 s."""
+    launch = Launch(local_plan, tmp_path, "--", str(SCRIPT), "--steps", "100000",
+                    "--sleep", "0.2", "--out", str(tmp_path))
+    launch.wait_for(lambda s: all(any(line.startswith(f"[{host}] rank ") and " step 2 " in line
+                                      for line in launch.seen) for host in ("h1", "h2")))
+    processes = psutil.Process(launch.process.pid).children(recursive=True)
+    names = {p.pid: " ".join(p.cmdline())[-70:] for p in processes}
+    workers = worker_pids(tmp_path)
+    assert set(workers) <= {p.pid for p in processes}
+    assert len(processes) >= 4, processes  # a torchrun and a worker per host, at least
+    os.kill(workers[1], signal.SIGSTOP)
+    launch.process.kill()
+    launch.process.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and [p for p in processes if alive(p.pid)]:
+        time.sleep(0.2)
+    left = [f"{p.pid} {names[p.pid]}" for p in processes if alive(p.pid)]
+    for p in processes:  # never leave them to the next test
+        with suppress(psutil.Error):
+            p.kill()
+    assert not left, f"left 10 s after SIGKILL of the launcher: {left}"
 
