@@ -114,6 +114,10 @@ class IdleDevice(Strict):
 
 
 class DilocoSettings(Strict):
+    """Streaming DiLoCo's settings (`diloco.DiLoCoConfig`). `timeout_s`: how long a replica
+    waits for an exchange before it fails (a plan written before this key existed loads
+    with 300 s, what its runs used)."""
+
     sync_every: bounded_int(1, 1_000_000, "steps")
     fragments: bounded_int(1, 1024)
     pattern: Literal["strided", "sequential"]
@@ -122,6 +126,7 @@ class DilocoSettings(Strict):
     quantization: Literal["fp4", "int8", "bf16", "none"]
     outer_lr: bounded_float(0, 100, low_open=True) = 0.7
     outer_momentum: bounded_float(0, 1, high_open=True) = 0.9
+    timeout_s: bounded_float(1, 1e6, "s") = 300.0
 
     @model_validator(mode="after")
     def _steps_fit(self) -> Self:

@@ -30,13 +30,18 @@ from test_launch import (
     hetsched,
     make_plan,
     read_lines,
+    three_site_topology,
     two_local_topology,
     wait_for,
 )
+from test_trainer import SCRIPT as TRAIN_SCRIPT
+from test_trainer import make_plan as trainer_plan
+from test_trainer import topology as trainer_topology
 
 from cli.hangs import HangWatch
 from holmes.heartbeat import Beat, split_beat
 from holmes.plan import load_plan
+from holmes.plan_build import diloco_timeout_s, hang_timeout_s
 
 HANG_S = 5.0
 
@@ -106,6 +111,7 @@ def test_a_stopped_worker_is_named_hung_and_the_launch_ends(local_plan: Path,
     assert not [pid for pid in worker_pids(tmp_path) if alive(pid)], "a worker outlived it"
 
 
+@pytest.mark.slow
 def test_a_worker_stuck_while_beating_is_named_by_its_step(local_plan: Path,
                                                            tmp_path: Path) -> None:
     """Rank 1 stops reporting steps (its heartbeat goes on); rank 0 waits for it one
@@ -238,3 +244,103 @@ def test_killing_the_launcher_leaves_no_process_behind(local_plan: Path,
             p.kill()
     assert not left, f"left 10 s after SIGKILL of the launcher: {left}"
 
+
+def wan_plan(folder: Path, wan_gbps: float) -> dict[str, Any]:
+    """A gpt-1.3b DiLoCo plan between three GPU sites joined by `wan_gbps`."""
+    topology = three_site_topology()
+    for link in topology["links"]:
+        if link["bandwidth_gbps"] == 1:
+            link["bandwidth_gbps"] = wan_gbps
+    plan = make_plan(folder, topology, "-m", "gpt-1.3b", "--regime", "datacentre",
+                     "--sync", "diloco")
+    return yaml.safe_load(plan.read_text())
+
+
+@pytest.mark.slow
+def test_the_planner_sets_diloco_timeout_from_the_link(tmp_path: Path) -> None:
+    fast, slow = wan_plan(tmp_path / "fast", 0.05), wan_plan(tmp_path / "slow", 0.005)
+    for plan in (fast, slow):
+        timeout, hang = plan["diloco"]["timeout_s"], plan["launch_policy"]["hang_timeout_s"]
+        assert timeout >= 60 and timeout >= hang + 30
+    # a tenth of the bandwidth: each exchange takes ~10x longer, so does the wait
+    assert slow["diloco"]["timeout_s"] > 3 * fast["diloco"]["timeout_s"]
+    assert diloco_timeout_s(exchange_s=0.5, hang_s=60) == 90  # floor: after the launcher
+    assert diloco_timeout_s(exchange_s=100.01, hang_s=60) == 1001  # ten exchanges
+    assert hang_timeout_s(step_s=1.0) == 60 and hang_timeout_s(9.01, 40.0) == 91
+
+
+def test_old_diloco_plans_get_the_old_timeout_and_show_it(local_diloco_plan: Path,
+                                                          tmp_path: Path) -> None:
+    def old(data: dict[str, Any]) -> None:
+        del data["diloco"]["timeout_s"]
+
+    plan = copy_plan(local_diloco_plan, tmp_path, old)
+    assert load_plan(plan).diloco.timeout_s == 300
+    shown = hetsched("show", str(plan))
+    assert shown.returncode == 0, shown.stderr
+    assert "DiLoCo: a replica fails after waiting 300 s for an exchange" in shown.stdout
+
+
+@pytest.fixture(scope="module")
+def local_diloco_plan(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two one-CPU sites on this machine, one replica each, DiLoCo between them."""
+    return trainer_plan(tmp_path_factory.mktemp("diloco"),
+                        trainer_topology({"a": ["a1"], "b": ["b1"]}, 0.01), "--stages", "1",
+                        "--sync", "diloco", "--sync-every", "4", "--fragments", "2")
+
+
+@pytest.mark.slow
+def test_the_runtime_waits_for_an_exchange_as_long_as_the_plan_says(
+        local_diloco_plan: Path, tmp_path: Path) -> None:
+    """The two hosts' torchruns, as the launcher would start them but without it: replica
+    b1's worker is stopped (SIGSTOP) after a few steps, and replica a1's DiLoCo gives up
+    waiting for the exchange after the plan's timeout_s."""
+    plan = copy_plan(local_diloco_plan, tmp_path / "plan",
+                     lambda data: data["diloco"].update(timeout_s=4))
+    dry = hetsched("launch", str(plan), "--via", "local", "--dry-run", "--json", "--",
+                   TRAIN_SCRIPT, "--steps", "100000", "--log-every", "100000")
+    assert dry.returncode == 0, dry.stderr
+    hosts = {h["host"]: h for h in json.loads(dry.stdout)["hosts"]}
+    lines: queue.Queue[str] = queue.Queue()
+    runs = {name: subprocess.Popen(h["argv"], env={**_env(), **h["env"]}, cwd=tmp_path,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   start_new_session=True) for name, h in hosts.items()}
+    for run in runs.values():
+        threading.Thread(target=read_lines, args=(run.stdout, lines), daemon=True).start()
+    seen: list[str] = []
+    victim = None
+    try:
+        wait_for(lines, seen, lambda s: _beat_at(s, rank=0, step=3) is not None, 240)
+        if not any(_beat_at(line, rank=1, step=0) for line in seen):
+            wait_for(lines, seen, lambda s: _beat_at(s, rank=1, step=0) is not None, 60)
+        victim = next(b.pid for b in (_beat_at(s, rank=1, step=0) for s in seen) if b)
+        os.kill(victim, signal.SIGSTOP)
+        runs["a1"].wait(timeout=120)
+    finally:
+        for run in runs.values():
+            with suppress(ProcessLookupError):
+                os.killpg(run.pid, signal.SIGKILL)
+        if victim is not None:
+            with suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGKILL)
+        for run in runs.values():
+            run.wait(timeout=30)
+    while not lines.empty():
+        seen.append(lines.get())
+    output = "\n".join(seen)
+    assert runs["a1"].returncode not in (0, None), output[-3000:]
+    assert "did not finish within timeout_s=4" in output, output[-3000:]
+
+
+def _beat_at(line: str, *, rank: int, step: int) -> Beat | None:
+    beat = split_beat(line)[1]
+    return beat if beat is not None and beat.rank == rank and beat.step >= step else None
+
+
+def copy_plan(source: Path, target: Path, change: Any) -> Path:
+    """`edit_plan`, with the model file the plan names copied too."""
+    plan = edit_plan(source, target, change)
+    model = source.parent / "model.yaml"
+    if model.exists():
+        (target / "model.yaml").write_text(model.read_text())
+    return plan

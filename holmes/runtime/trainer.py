@@ -432,7 +432,8 @@ def _make_diloco(run: PlanRun, params: list[nn.Parameter], share: float) -> DiLo
         overlap_steps=max(0, min(settings.overlap_steps, settings.sync_every // fragments - 1)),
         alpha=settings.alpha, quantization=None if settings.quantization == "none"
         else settings.quantization, outer_lr=settings.outer_lr,
-        outer_momentum=settings.outer_momentum)
+        outer_momentum=settings.outer_momentum, timeout_s=settings.timeout_s,
+        start_timeout_s=max(DiLoCoConfig.start_timeout_s, settings.timeout_s))
     equal = len(set(replica_microbatches(run))) == 1
     return DiLoCo(holder, None, group, config, layers=list(holder.layers),
                   weight=None if equal else share)
