@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shlex
 import socket
@@ -66,9 +67,11 @@ _HELP = """Run PLAN_FILE: one torchrun per host of the plan's `launch` section.
 Put `--` before SCRIPT: everything after it goes to torchrun's script unchanged.
 Each host's processes get HETSCHED_PLAN, HETSCHED_HOST and the NCCL/gloo variables of
 their process groups. Output is streamed with a `[host]` prefix; when one host fails,
-the others are stopped and the exit status is 1. A host whose workers send no heartbeat
-or make no progress for the plan's hang timeout (--hang-timeout) is named as hung, and
-the launch stops the same way (docs/faults.md). Refused (exit 2) when the plan was made
+the others are stopped and the exit status is its worker's (1 when torchrun does not
+say). A host whose workers send no heartbeat or make no progress for the plan's hang
+timeout (--hang-timeout) is named as hung, and the launch stops the same way (exit 1).
+Killing the launcher, even with SIGKILL, stops every process of the launch
+(docs/faults.md). Refused (exit 2) when the plan was made
 for another topology or a host is unreachable, unless --force.
 """
 
@@ -104,6 +107,9 @@ def launch(plan_file: Path, script: tuple[str, ...], via: Via, lab_name: str | N
            remote_plan: str | None, hang_timeout: float | None) -> None:
     if as_json and not dry_run:
         raise InputError("--json is only for --dry-run", field="--json")
+    if hang_timeout is not None and not math.isfinite(hang_timeout):
+        raise InputError(f"must be a number of seconds, got {hang_timeout}",
+                         field="--hang-timeout")
     if not shlex.split(torchrun_command):
         raise InputError("may not be empty", field="--torchrun")
     plan = load_plan(plan_file)

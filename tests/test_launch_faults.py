@@ -158,6 +158,14 @@ def test_old_plans_get_the_default_hang_timeout_and_show_it(local_plan: Path,
     assert "Traceback" not in refused.stderr
 
 
+@pytest.mark.parametrize("value", ["nan", "0", "inf", "-5", "abc"])
+def test_a_bad_hang_timeout_is_refused(local_plan: Path, value: str) -> None:
+    done = hetsched("launch", str(local_plan), "--via", "local", "--hang-timeout", value,
+                    "--", str(SCRIPT))
+    assert done.returncode == 2 and "--hang-timeout" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and "started" not in done.stderr
+
+
 def test_heartbeat_lines_are_split_from_the_output() -> None:
     beat = Beat(3, 17, 4242)
     assert split_beat(beat.line()) == ("", beat)
