@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal, Self
 import yaml
 from pydantic import Field, PrivateAttr, model_validator
 
+from holmes.assumptions import CostAssumptions
 from holmes.model import MAX_MICROBATCHES, Dtype, GlobalBatch, Layers, Microbatch, SeqLen
 from holmes.model import Hidden as HiddenSize
 from topology.addresses import Endpoint
@@ -186,6 +187,15 @@ class Estimates(Strict):
     sync_s_per_step: Seconds = 0.0
 
 
+class DepthEstimate(Strict):
+    """What the planner predicted for one pipeline depth it tried (its fastest layout)."""
+
+    regime: Literal["datacentre", "geo"]
+    stages: bounded_int(1, MAX_WORLD)
+    iteration_s: Seconds
+    tokens_per_s: bounded_float(0, 1e24, "tokens/s")
+
+
 class Plan(Strict):
     """A whole plan.yaml. Loading it cross-checks every section against the others
     (`_consistent`), so show, simulate, launch and the runtime all refuse the same
@@ -208,6 +218,8 @@ class Plan(Strict):
     launch: list[LaunchHost] = Field(min_length=1, max_length=MAX_HOSTS)
     launch_policy: LaunchPolicy = Field(default_factory=LaunchPolicy)
     estimates: Estimates
+    costs: CostAssumptions | None = None  # the cost assumptions the estimates were made with
+    depths: list[DepthEstimate] = Field(default_factory=list, max_length=MAX_WORLD)
     left_out: list[LeftOutHost] = Field(default_factory=list, max_length=MAX_HOSTS)
     idle: list[IdleDevice] = Field(default_factory=list, max_length=MAX_WORLD)
     _stage_by_id: dict[int, Stage] = PrivateAttr(default_factory=dict)

@@ -21,6 +21,7 @@ from holmes.network import host_of
 from holmes.nics import group_env
 from holmes.plan import (
     PLAN_VERSION,
+    DepthEstimate,
     DilocoSettings,
     Estimates,
     Group,
@@ -86,6 +87,11 @@ def build_plan(decision: Decision, topology_file: str | None = None,
             bytes_per_step={k: round(v) for k, v in sorted(chosen.bytes_per_step.items())},
             memory_gb=chosen.memory_gb, bubble_fraction=round(chosen.bubble_fraction, 4),
             sync_s_per_step=round(chosen.sync_s_per_step, 6)),
+        costs=ctx.assumptions,
+        depths=[DepthEstimate(regime=e.layout.regime, stages=e.layout.stages,
+                              iteration_s=round(e.step_s, 6),
+                              tokens_per_s=round(e.tokens_per_s, 1))
+                for e in decision.by_depth()],
         left_out=[LeftOutHost(host=h.host, reason=h.reason) for h in decision.left_out],
         idle=idle_devices(decision),
     )
@@ -226,19 +232,24 @@ def summary(decision: Decision, plan: Plan, topology_name: str) -> list[str]:
     lines = [
         f"hetsched plan for {model.name} on {topology_name} "
         f"(topology {plan.topology_sha256[:12]}).{idle_warning(plan)}",
-        f"Regime: {decision.regime}; {_count(len(fabrics), 'fabric')} ({sizes}).",
+        f"Regime: {decision.regime}"
+        f"{f' ({decision.regime_note})' if decision.regime_note else ''}; "
+        f"{_count(len(fabrics), 'fabric')} ({sizes}).",
         f"Layout: {layout.description}; {len(layout.replicas)} replica(s) x "
         f"{layout.stages} stages, layers per stage {list(chosen.partition.layers)} "
         f"({chosen.partition.method}).",
     ]
+    lines += _depth_lines(decision)
     lines += _sync_lines(decision)
     lines += _skip_lines(decision)
+    lines += [f"Note: {note}." for note in decision.notes]
     lines.append(_optimizer_line(decision))
     lines += transport_lines(plan, decision.selection_detail)
     per_class = ", ".join(f"{k} {v / 1e9:.3g} GB"
                           for k, v in sorted(chosen.bytes_per_step.items())) or "none"
     lines.append(f"Estimated: {chosen.step_s:.4g} s/iteration, {chosen.tokens_per_s:,.0f} "
                  f"tokens/s, bubble {chosen.bubble_fraction:.0%}; bytes/step: {per_class}.")
+    lines.append(f"Cost assumptions: {decision.context.assumptions.summary()}.")
     if decision.context.network.assumed:
         lines.append(f"{len(decision.context.network.assumed)} host pairs had no measured link; "
                      "their fabric or Ethernet NIC speed was assumed.")
@@ -322,6 +333,17 @@ def transport_lines(plan: Plan, detail: str) -> list[str]:
     return [f"NCCL network {plan.nccl_net_selection} ({detail}): {how}; groups: {spread}."]
 
 
+def _depth_lines(decision: Decision) -> list[str]:
+    """Why this geo depth: each depth tried and its estimate, when more than one was."""
+    tried = [e for e in decision.by_depth() if e.layout.regime == "geo"]
+    if decision.regime != "geo" or len(tried) < 2:
+        return []
+    figures = ", ".join(f"{e.layout.stages}: {e.step_s:.4g} s" for e in tried)
+    costs = decision.context.assumptions.name
+    return [f"Depth: {decision.chosen.layout.stages} stages (geo depths tried, full-pipeline "
+            f"s/iteration under {costs} costs: {figures})."]
+
+
 def _skip_lines(decision: Decision) -> list[str]:
     choice, full = decision.skip, decision.full_pipeline
     if choice is None or full is None:
@@ -349,6 +371,9 @@ def _sync_lines(decision: Decision) -> list[str]:
                     "span fabrics, so their data-parallel all-reduce crosses fabrics too."]
         return [f"One replica over {len(used)} fabrics: data-parallel groups stay inside "
                 "their fabric; only pipeline traffic crosses fabrics."]
-    alternatives = {e.sync: e for e in decision.candidates if e.layout == chosen.layout}
+    alternatives = {e.sync: e for e in decision.candidates
+                    if e.layout.replicas == chosen.layout.replicas}
+    if decision.full_pipeline is not None:  # skip routes: the chosen sync's own figure
+        alternatives[chosen.sync] = chosen
     parts = [f"{sync} {e.step_s:.4g} s/step" for sync, e in sorted(alternatives.items())]
     return [f"Sync between replicas: {chosen.sync} ({'; '.join(parts)})."]
