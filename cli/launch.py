@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shlex
 import socket
@@ -80,9 +81,13 @@ Each host's processes get HETSCHED_PLAN, HETSCHED_HOST and the NCCL/gloo variabl
 their process groups. Over ssh each host runs `cd -- WORKDIR && exec env VARS...
 torchrun ...`, every word quoted; ssh gets a pty, so stopping ssh stops the remote
 torchrun (and the remote stderr arrives on stdout). Output is streamed with a `[host]`
-prefix; when one host fails, the others are stopped and the exit status is 1. Refused
-(exit 2) when the plan was made for another topology or a host is unreachable, unless
---force. The real-cluster walkthrough is docs/launch.md.
+prefix; when one host fails, the others are stopped and the exit status is its
+worker's (1 when torchrun does not say). A host whose workers send no heartbeat or make
+no progress for the plan's hang timeout (--hang-timeout) is named as hung, and the
+launch stops the same way (exit 1). Killing the launcher, even with SIGKILL, stops every
+process of the launch (docs/faults.md). Refused (exit 2) when the plan was made for
+another topology or a host is unreachable, unless --force. The real-cluster walkthrough
+is docs/launch.md.
 """
 
 
@@ -119,15 +124,21 @@ prefix; when one host fails, the others are stopped and the exit status is 1. Re
               help="--via ssh: an ssh -o option, e.g. Port=2222 (repeatable).")
 @click.option("--remote-plan", metavar="PATH",
               help="--via ssh: HETSCHED_PLAN on the remote hosts (default: this plan's path).")
+@click.option("--hang-timeout", "hang_timeout", type=click.FloatRange(min=1, max=1e6),
+              metavar="SECONDS", help="A host whose workers send no heartbeat or make no "
+              "progress this long is hung (default: the plan's launch_policy.hang_timeout_s).")
 @reports_input_errors
 def launch(plan_file: Path, script: tuple[str, ...], via: Via, lab_name: str | None,
            dry_run: bool, as_json: bool, force: bool, topology_file: Path | None,
            rdzv_id: str | None, max_restarts: int, torchrun_command: str | None,
            python: str | None, workdir: str | None, ssh_config: Path | None,
            identity: Path | None, ssh_user: str | None, ssh_options: tuple[str, ...],
-           remote_plan: str | None) -> None:
+           remote_plan: str | None, hang_timeout: float | None) -> None:
     if as_json and not dry_run:
         raise InputError("--json is only for --dry-run", field="--json")
+    if hang_timeout is not None and not math.isfinite(hang_timeout):
+        raise InputError(f"must be a number of seconds, got {hang_timeout}",
+                         field="--hang-timeout")
     ssh = _ssh_options(via, workdir, ssh_config, identity, ssh_user, ssh_options)
     torchrun = _remote_torchrun(via, torchrun_command, python)
     plan = load_plan(plan_file)
@@ -150,9 +161,11 @@ def launch(plan_file: Path, script: tuple[str, ...], via: Via, lab_name: str | N
         return
     _check_reachable(commands, spec, lab, force)
     printer = Printer(sys.stdout, sys.stderr)
+    timeout_s = hang_timeout or plan.launch_policy.hang_timeout_s
     printer.note(f"{_count(len(commands), 'host', 'hosts')} via {via}, rendezvous "
-                 f"{commands[0].rdzv_endpoint} (id {spec.rdzv_id})")
-    outcome = _explained(supervise(commands, printer), via)
+                 f"{commands[0].rdzv_endpoint} (id {spec.rdzv_id}), hang timeout "
+                 f"{timeout_s:g} s")
+    outcome = _explained(supervise(commands, printer, hang_timeout_s=timeout_s), via)
     report(outcome, printer)
     sys.exit(outcome.exit_code)
 

@@ -19,7 +19,7 @@ from holmes.hf_config import builtin_names
 from holmes.hosts import CPU_HOST_FLAG
 from holmes.model import list_presets, load_model
 from holmes.plan import Plan, load_plan, save_plan
-from holmes.plan_build import build_plan, idle_lines, left_out_lines, summary
+from holmes.plan_build import build_plan, fault_lines, idle_lines, left_out_lines, summary
 from holmes.planner import PlanOptions, decide, naive_estimate, naive_like_estimate
 from holmes.review import (
     check_plan_source,
@@ -194,7 +194,7 @@ def show(plan_file: Path, topology_file: Path | None, gantt: Path | None,
     console.print(_memory_table(the_plan, topology))
     if the_plan.idle:
         console.print(_idle_table(the_plan))
-    for line in left_out_lines(the_plan) + idle_lines(the_plan):
+    for line in left_out_lines(the_plan) + idle_lines(the_plan) + fault_lines(the_plan):
         console.print(line, highlight=False)
     console.print(f"cost assumptions: {plan_costs(the_plan, None).summary()}", highlight=False)
     if override is not None or calibration_file is not None:

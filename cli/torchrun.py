@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Literal
 
 from cli.remote import SshOptions, remote_command, ssh_argv
+from holmes.heartbeat import DEFAULT_EVERY_S as HEARTBEAT_EVERY_S
+from holmes.heartbeat import HEARTBEAT_ENV
 from holmes.plan import Group, LaunchHost, Plan
 from topology.errors import InputError
 
@@ -254,7 +256,8 @@ def _host_command(plan: Plan, spec: LaunchSpec, host: LaunchHost, ranks: tuple[i
 def _host_environment(plan: Plan, spec: LaunchSpec, host: LaunchHost, ranks: tuple[int, ...]
                       ) -> tuple[dict[str, str], dict[str, str], tuple[str, ...]]:
     plan_path = spec.remote_plan if spec.via == "ssh" and spec.remote_plan else str(spec.plan_path)
-    env = {"HETSCHED_PLAN": plan_path, "HETSCHED_HOST": host.host, "PYTHONUNBUFFERED": "1"}
+    env = {"HETSCHED_PLAN": plan_path, "HETSCHED_HOST": host.host, "PYTHONUNBUFFERED": "1",
+           HEARTBEAT_ENV: f"{HEARTBEAT_EVERY_S:g}"}
     sources = dict.fromkeys(env, "launcher")
     notes: list[str] = []
     merged = merge_host_env(plan, host.host, ranks)

@@ -539,13 +539,36 @@ def _parallel_rings(layout: Layout, stage: int) -> int:
     return min(len({host_of(d) for d in replica[stage]}) for replica in layout.replicas)
 
 
+def diloco_exchange_s(est: Estimate, ctx: Context) -> float:
+    """Seconds of the slowest single DiLoCo exchange of `est`: one fragment of a stage
+    all-reduced between the replicas over that stage's slowest cross-replica hop (what a
+    replica waits for at worst when nothing overlaps it); 0 with one replica."""
+    layout, partition = est.layout, est.partition
+    if len(layout.replicas) == 1:
+        return 0.0
+    forced = socket_forced(layout, ctx, est.sync)
+    slowest = 0.0
+    for s in range(layout.stages):
+        latency, bandwidth = _ring_link([r[s][0] for r in layout.replicas], ctx, forced)
+        bandwidth *= _parallel_rings(layout, s)
+        fragment = _fragment_bytes(ctx, partition.layers[s], _holds(layout, s))
+        slowest = max(slowest, costs.allreduce_seconds(fragment, len(layout.replicas),
+                                                       latency, bandwidth))
+    return slowest
+
+
+def _fragment_bytes(ctx: Context, layers: int, holds: tuple[bool, bool]) -> float:
+    d = ctx.diloco
+    params = _stage_params(ctx.config.model, layers, holds)
+    return params * QUANTIZED_BYTES_PER_PARAM[d.quantization] / d.fragments
+
+
 def _diloco_stage_cost(ctx: Context, layers: int, holds: tuple[bool, bool], replicas: int,
                        latency: float, bandwidth: float,
                        iteration_s: float) -> tuple[float, float]:
     """(stall seconds per step, bytes moved per step) of streaming DiLoCo for one stage."""
     d = ctx.diloco
-    params = _stage_params(ctx.config.model, layers, holds)
-    fragment = params * QUANTIZED_BYTES_PER_PARAM[d.quantization] / d.fragments
+    fragment = _fragment_bytes(ctx, layers, holds)
     exchange = costs.allreduce_seconds(fragment, replicas, latency, bandwidth)
     stall_per_event = max(0.0, exchange - d.overlap_steps * iteration_s)
     per_step = d.fragments / d.sync_every

@@ -34,7 +34,10 @@ optimizer step per `step(batches)`:
    torchrun restart continues the same run and a new plan continues an old one.
 6. with `timings` (a folder), every rank appends one JSON line per step to
    `timings/rank{R}.jsonl` (`holmes.runtime.timings`): each task, receive, send and
-   sync with its times, and the bytes it sent per link class.
+   sync with its times, and the bytes it sent per link class;
+7. under `hetsched launch`, a `holmes.heartbeat.Heartbeat` beats from construction on
+   and reports each finished step; `finish()` says the rank is done, so the launcher
+   can tell a hung host from a slow one (`cli.hangs`).
 
 Parameters of the model a rank does not hold (other stages' blocks) are never trained
 there; `gather_model()` copies every replica-0 parameter to rank 0 for evaluation.
@@ -56,6 +59,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from diloco import DiLoCo, DiLoCoConfig
+from holmes.heartbeat import Heartbeat
 from holmes.runtime import checkpoints, train_state
 from holmes.runtime.links import link_classes, slowest_class
 from holmes.runtime.plan_run import PlanRun
@@ -86,6 +90,7 @@ class Trainer:
                  resume_from: str | Path | None = None, log_every: int = 10,
                  log: Callable[[str], None] | None = None,
                  timings: str | Path | None = None) -> None:
+        self.heartbeat = Heartbeat.from_env(run.placement.torch_rank)
         self.checkpoint_dir = checkpoints.checkpoint_folder(checkpoint_dir)
         self.resume_from = checkpoints.checkpoint_folder(
             resume_from or os.environ.get(checkpoints.RESUME_FROM_ENV), must_exist=True)
@@ -157,6 +162,8 @@ class Trainer:
         self._window.extend(losses.values())
         self._window_steps += 1
         done = step + 1
+        if self.heartbeat is not None:
+            self.heartbeat.progress(done)
         log = self._log(done) if done % self.log_every == 0 or done == self.total_steps else None
         if self.checkpoint_dir and (done % self.checkpoint_every == 0 or self._owed):
             self._checkpoint(done)
@@ -173,6 +180,9 @@ class Trainer:
         if self.checkpoint_dir and (self._saved != self.total_steps or _any_rank(merged)):
             self._checkpoint(self.total_steps, final=True)
         self.timings.close()
+        if self.heartbeat is not None:
+            self.heartbeat.close()
+            self.heartbeat = None
 
     @torch.no_grad()
     def gather_model(self, model: nn.Module) -> bool:
@@ -450,7 +460,8 @@ def _make_diloco(run: PlanRun, params: list[nn.Parameter], share: float) -> DiLo
         overlap_steps=max(0, min(settings.overlap_steps, settings.sync_every // fragments - 1)),
         alpha=settings.alpha, quantization=None if settings.quantization == "none"
         else settings.quantization, outer_lr=settings.outer_lr,
-        outer_momentum=settings.outer_momentum)
+        outer_momentum=settings.outer_momentum, timeout_s=settings.timeout_s,
+        start_timeout_s=max(DiLoCoConfig.start_timeout_s, settings.timeout_s))
     equal = len(set(replica_microbatches(run))) == 1
     return DiLoCo(holder, None, group, config, layers=list(holder.layers),
                   weight=None if equal else share)
