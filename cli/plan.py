@@ -13,6 +13,7 @@ from rich.table import Table
 from cli.errors import reports_input_errors
 from cli.options import FILE
 from holmes.assumptions import CostAssumptions, list_profiles, load_costs
+from holmes.calibration import with_calibration
 from holmes.estimate import GPU_RESERVED_GB, DilocoChoice, Estimate, usable_memory_gb
 from holmes.hf_config import builtin_names
 from holmes.hosts import CPU_HOST_FLAG
@@ -20,6 +21,7 @@ from holmes.model import list_presets, load_model
 from holmes.plan import Plan, load_plan, save_plan
 from holmes.plan_build import (
     build_plan,
+    fault_lines,
     idle_lines,
     left_out_lines,
     summary,
@@ -36,9 +38,10 @@ from holmes.review import (
     planned_topology,
 )
 from holmes.skipping import DEFAULT_MAX_SWAPS, SkipChoice
+from topology.calibration import load_calibration
 from topology.errors import InputError
 from topology.files import check_output, write_bytes_atomic
-from topology.schema import load_topology
+from topology.schema import Topology, load_topology
 
 MAX_SYNC_EVERY = 1_000_000
 MAX_FRAGMENTS = 1024
@@ -93,6 +96,9 @@ def _costs(option: str | None) -> CostAssumptions | None:
               help="Tensor-parallel degree inside hosts (Megatron); auto: the planner picks "
               "among those dividing every host's devices in a stage. Plans with TP > 1 are "
               "not launched yet (the runtime runs TP 1).")
+@click.option("--calibration", "calibration_file", type=FILE,
+              help="A calibration (`hetsched calibrate`): measured device speeds, link "
+              "figures and step overhead replace the topology's.")
 @click.option(CPU_HOST_FLAG, "include_cpu_hosts", is_flag=True,
               help="Use hosts without a GPU in a GPU job (the whole job then runs on gloo).")
 @click.option("--costs", "costs_option", metavar="FILE|NAME",
@@ -102,10 +108,11 @@ def _costs(option: str | None) -> CostAssumptions | None:
 def plan(topology_file: Path, model_name: str, output: Path, sync: str, regime: str,
          stages: int | None, sync_every: int, fragments: int, quantization: str,
          skip_ratio: float | None, max_swaps: int | None, optimizer_sharding: str, nccl_net: str,
-         tensor_parallel: str, include_cpu_hosts: bool, costs_option: str | None,
+         calibration_file: Path | None, tensor_parallel: str, include_cpu_hosts: bool,
+         costs_option: str | None,
          as_json: bool) -> None:
     """Plan MODEL on TOPOLOGY_FILE: stages, layers, groups, NICs, sync; write plan.yaml."""
-    check_output(output, topology_file, Path(model_name),
+    check_output(output, topology_file, Path(model_name), calibration_file,
                  *([Path(costs_option)] if costs_option else []), field="-o")
     skip = None
     if skip_ratio is not None:
@@ -124,8 +131,10 @@ def plan(topology_file: Path, model_name: str, output: Path, sync: str, regime: 
                           include_cpu_hosts=include_cpu_hosts, costs=_costs(costs_option),
                           tensor_parallel=None if tensor_parallel == "auto"
                           else int(tensor_parallel))
-    topology = load_topology(topology_file)
+    as_written = load_topology(topology_file)
+    topology = _calibrated(as_written, calibration_file)
     decision = decide(topology, load_model(model_name), options)
+    decision.source = as_written  # the plan names the topology file as written
     relative = _relative_to(topology_file, output)
     source = _relative_to(Path(model_name), output) if Path(model_name).is_file() else model_name
     result = build_plan(decision, topology_file=relative, model_source=source)
@@ -138,6 +147,12 @@ def plan(topology_file: Path, model_name: str, output: Path, sync: str, regime: 
     console.print(f"wrote {output}")
     if as_json:
         click.echo(result.to_json())
+
+
+def _calibrated(topology: Topology, calibration_file: Path | None) -> Topology:
+    if calibration_file is None:
+        return topology
+    return with_calibration(topology, load_calibration(calibration_file), calibration_file)
 
 
 def _relative_to(path: Path, plan_file: Path) -> str:
@@ -167,22 +182,26 @@ def _candidates_table(candidates: list[Estimate], chosen: Estimate) -> Table:
 @click.option("--costs", "costs_option", metavar="FILE|NAME",
               help=COSTS_HELP + " Given: the plan is re-estimated with them (default: the "
               "plan's own).")
+@click.option("--calibration", "calibration_file", type=FILE,
+              help="A calibration (`hetsched calibrate`): measured device speeds, link "
+              "figures and step overhead replace the topology's (in the Gantt chart and "
+              "a re-estimate).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON instead.")
 @reports_input_errors
 def show(plan_file: Path, topology_file: Path | None, gantt: Path | None,
-         costs_option: str | None, as_json: bool) -> None:
+         costs_option: str | None, calibration_file: Path | None, as_json: bool) -> None:
     """Review PLAN_FILE: stages, groups and NICs, link load, memory headroom, a Gantt chart."""
     override = _costs(costs_option)
     if gantt is not None:
         if gantt.suffix not in (".png", ".svg"):
             raise InputError("the Gantt chart must be a .png or .svg file", field="--gantt")
-        check_output(gantt, plan_file, topology_file, field="--gantt")
+        check_output(gantt, plan_file, topology_file, calibration_file, field="--gantt")
     the_plan = load_plan(plan_file)
     check_plan_source(the_plan, plan_file)
     if as_json:
         click.echo(the_plan.to_json())
         return
-    topology = plan_topology(the_plan, plan_file, topology_file)
+    topology = _calibrated(plan_topology(the_plan, plan_file, topology_file), calibration_file)
     console = Console()
     console.print(tensor_parallel_line(the_plan), highlight=False)
     console.print(_stages_table(the_plan))
@@ -191,13 +210,15 @@ def show(plan_file: Path, topology_file: Path | None, gantt: Path | None,
     console.print(_memory_table(the_plan, topology))
     if the_plan.idle:
         console.print(_idle_table(the_plan))
-    for line in left_out_lines(the_plan) + idle_lines(the_plan):
+    for line in left_out_lines(the_plan) + idle_lines(the_plan) + fault_lines(the_plan):
         console.print(line, highlight=False)
     console.print(f"cost assumptions: {plan_costs(the_plan, None).summary()}", highlight=False)
-    if override is not None:
+    if override is not None or calibration_file is not None:
         again = estimate_plan(the_plan, topology, plan_model(the_plan, None, plan_file),
                               assumptions=override)
-        console.print(f"with {override.summary()}: {again.step_s:.4g} s/iteration, "
+        what = " and ".join(([override.summary()] if override is not None else [])
+                            + ([f"calibration {calibration_file}"] if calibration_file else []))
+        console.print(f"with {what}: {again.step_s:.4g} s/iteration, "
                       f"{again.tokens_per_s:,.0f} tokens/s, bubble "
                       f"{again.bubble_fraction:.0%}", highlight=False)
     if gantt is not None:
@@ -309,14 +330,18 @@ def _memory_table(the_plan: Plan, topology) -> Table:  # noqa: ANN001
               "placement with full-pipeline routes (no skipping).")
 @click.option("--costs", "costs_option", metavar="FILE|NAME",
               help=COSTS_HELP + " Default: those the plan was made with.")
+@click.option("--calibration", "calibration_file", type=FILE,
+              help="A calibration (`hetsched calibrate`): measured device speeds, link "
+              "figures and step overhead replace the topology's.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 @reports_input_errors
 def simulate(plan_file: Path, topology_file: Path | None, model_name: str | None,
-             baseline: str, costs_option: str | None, as_json: bool) -> None:
+             baseline: str, costs_option: str | None, calibration_file: Path | None,
+             as_json: bool) -> None:
     """Simulate one iteration of PLAN_FILE (and a baseline) with the pipeline simulator."""
     override = _costs(costs_option)
     the_plan = load_plan(plan_file)
-    topology = plan_topology(the_plan, plan_file, topology_file)
+    topology = _calibrated(plan_topology(the_plan, plan_file, topology_file), calibration_file)
     config = plan_model(the_plan, model_name, plan_file)
     assumptions = plan_costs(the_plan, override)
     rows = {"plan": estimate_plan(the_plan, topology, config, assumptions=override)}

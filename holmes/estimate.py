@@ -27,6 +27,7 @@ point-to-point neighbours).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import heapq
 import itertools
@@ -35,7 +36,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from holmes import costs, tensor_parallel
+from holmes import calibration, costs, tensor_parallel
 from holmes.assumptions import CostAssumptions, default_costs
 from holmes.fabric import Fabric
 from holmes.model import ModelConfig
@@ -105,19 +106,23 @@ class Context:
     selection: Selection = "per-communicator"
     optimizer_sharding: str = "zero1"  # or "none": see `optimizer_shards`
     assumptions: CostAssumptions = field(default_factory=default_costs)
+    busy_fraction: float = 1.0  # of a step a worker computes (CPU sharing: holmes.calibration)
     # Memos of what many layouts share (planning 16,384 GPUs looks them up thousands of
     # times): replica shares by (lanes, speeds, microbatches), stage extremes by devices.
-    shares_seen: dict[tuple, tuple[int, ...]] = field(default_factory=dict, repr=False)
+    # Not init fields: a context made with dataclasses.replace starts with empty ones.
+    shares_seen: dict[tuple, tuple[int, ...]] = field(default_factory=dict, repr=False,
+                                                      init=False)
     extremes_seen: dict[tuple[str, ...], tuple[str, str]] = field(default_factory=dict,
-                                                                   repr=False)
+                                                                   repr=False, init=False)
 
     @property
     def microbatch(self) -> int:
         return self.config.training.microbatch
 
     def tflops(self, device: str) -> float | None:
-        """The device's effective TFLOPS: stated x its compute efficiency."""
-        raw = self._device(device).tflops
+        """The device's effective TFLOPS: stated (calibrated, and shared among a machine's
+        CPU workers: `holmes.calibration`) x its compute efficiency."""
+        raw = self._raw_tflops[device]
         return None if raw is None else raw * self.efficiency(device)
 
     def efficiency(self, device: str) -> float:
@@ -126,7 +131,7 @@ class Context:
 
     def layer_forward_s(self, device: str) -> float:
         """Forward seconds of one layer for one sample on `device` (efficiency applied)."""
-        raw = self._device(device).tflops
+        raw = self._raw_tflops[device]
         return costs.layer_forward_seconds(self.config.model, raw) / self.efficiency(device)
 
     @property
@@ -144,10 +149,15 @@ class Context:
         `layers` layers: from the head's FLOPs, or a fraction of the stage's forward."""
         share = self.assumptions.head_loss
         if share == "flops":
-            raw = self._device(device).tflops
+            raw = self._raw_tflops[device]
             head = costs.head_forward_seconds(self.config.model, raw) / self.efficiency(device)
             return (1.0 + self.assumptions.backward_ratio) * self.microbatch * head
         return share * (layers * self.microbatch * self.layer_forward_s(device))
+
+    @functools.cached_property
+    def _raw_tflops(self) -> dict[str, float | None]:
+        return calibration.device_tflops(self.topology, self.config.model,
+                                         self.config.training.recompute, self.busy_fraction)
 
     def memory_bytes(self, device: str) -> float:
         return usable_memory_gb(self._device(device)) * costs.GB
@@ -432,6 +442,28 @@ def _lane_sampled(replica: Stages) -> bool:
 def estimate(layout: Layout, partition: Partition, ctx: Context, sync: str,
              routes: list[list[Route]] | None = None, timeline: bool = True,
              in_flight: Mapping[str, int] | None = None) -> Estimate:
+    """`_estimate`; with a calibration, where CPU workers share a machine's cores, again
+    with the busy fraction it predicts (workers waiting in a bubble leave their core to
+    the others; `holmes.calibration`), CPU_SHARING_ROUNDS times. Without one every worker
+    counts as always busy (docs/fidelity.md has both, measured)."""
+    result = _estimate(layout, partition, ctx, sync, routes, timeline, in_flight)
+    if ctx.topology.calibration is None or not calibration.shares_cores(ctx.topology,
+                                                                        layout.devices()):
+        return result
+    for _ in range(CPU_SHARING_ROUNDS):
+        busy = calibration.busy_fraction(result.bubble_fraction, result.iteration_s,
+                                         result.step_s)
+        result = _estimate(layout, partition, dataclasses.replace(ctx, busy_fraction=busy),
+                           sync, routes, timeline, in_flight)
+    return result
+
+
+CPU_SHARING_ROUNDS = 2
+
+
+def _estimate(layout: Layout, partition: Partition, ctx: Context, sync: str,
+              routes: list[list[Route]] | None = None, timeline: bool = True,
+              in_flight: Mapping[str, int] | None = None) -> Estimate:
     """Simulate every replica with `partition` and add the sync between replicas.
 
     `routes` (per replica) default to full-pipeline routes; a plan's own routes may be
@@ -468,7 +500,7 @@ def estimate(layout: Layout, partition: Partition, ctx: Context, sync: str,
         _add_data_parallel_bytes(bytes_per_step, layout, replica, partition, ctx)
         _add_tensor_parallel_bytes(bytes_per_step, layout, replica, partition, ctx,
                                    len(routes))
-    iteration_s = max(r.iteration_s for r in results)
+    iteration_s = max(r.iteration_s for r in results) + calibration.step_overhead_s(ctx.topology)
     sync_s, notes = _sync_cost(layout, partition, ctx, sync, iteration_s, bytes_per_step,
                                forced)
     step_s = iteration_s + sync_s
@@ -676,13 +708,36 @@ def _parallel_rings(layout: Layout, stage: int) -> int:
     return min(len({host_of(d) for d in replica[stage]}) for replica in layout.replicas)
 
 
+def diloco_exchange_s(est: Estimate, ctx: Context) -> float:
+    """Seconds of the slowest single DiLoCo exchange of `est`: one fragment of a stage
+    all-reduced between the replicas over that stage's slowest cross-replica hop (what a
+    replica waits for at worst when nothing overlaps it); 0 with one replica."""
+    layout, partition = est.layout, est.partition
+    if len(layout.replicas) == 1:
+        return 0.0
+    forced = socket_forced(layout, ctx, est.sync)
+    slowest = 0.0
+    for s in range(layout.stages):
+        latency, bandwidth = _ring_link([r[s][0] for r in layout.replicas], ctx, forced)
+        bandwidth *= _parallel_rings(layout, s)
+        fragment = _fragment_bytes(ctx, partition.layers[s], _holds(layout, s))
+        slowest = max(slowest, costs.allreduce_seconds(fragment, len(layout.replicas),
+                                                       latency, bandwidth))
+    return slowest
+
+
+def _fragment_bytes(ctx: Context, layers: int, holds: tuple[bool, bool]) -> float:
+    d = ctx.diloco
+    params = _stage_params(ctx.config.model, layers, holds)
+    return params * QUANTIZED_BYTES_PER_PARAM[d.quantization] / d.fragments
+
+
 def _diloco_stage_cost(ctx: Context, layers: int, holds: tuple[bool, bool], replicas: int,
                        latency: float, bandwidth: float,
                        iteration_s: float) -> tuple[float, float]:
     """(stall seconds per step, bytes moved per step) of streaming DiLoCo for one stage."""
     d = ctx.diloco
-    params = _stage_params(ctx.config.model, layers, holds)
-    fragment = params * QUANTIZED_BYTES_PER_PARAM[d.quantization] / d.fragments
+    fragment = _fragment_bytes(ctx, layers, holds)
     exchange = costs.allreduce_seconds(fragment, replicas, latency, bandwidth)
     stall_per_event = max(0.0, exchange - d.overlap_steps * iteration_s)
     per_step = d.fragments / d.sync_every

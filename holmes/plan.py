@@ -2,8 +2,8 @@
 
 Stable keys (tools and people diff these files): `version`, `topology_sha256`, `model`,
 `sync`, `replicas`, `stages`, `paths`, `groups`, `diloco`, `optimizer`, `launch`,
-`estimates`, and `nccl_net_selection`, `left_out`, `idle` (see `Group`, `LeftOutHost`,
-`IdleDevice`). The file
+`launch_policy`, `estimates`, and `nccl_net_selection`, `left_out`, `idle` (see `Group`,
+`LeftOutHost`, `IdleDevice`). The file
 starts with a comment that says the plan in words. Devices are named `host:device`
 (`a1:gpu0`); ranks follow `launch` (node by node, device by device). Layer ranges are
 half-open: `layers: [0, 4]` holds layers 0, 1, 2 and 3.
@@ -132,6 +132,10 @@ class IdleDevice(Strict):
 
 
 class DilocoSettings(Strict):
+    """Streaming DiLoCo's settings (`diloco.DiLoCoConfig`). `timeout_s`: how long a replica
+    waits for an exchange before it fails (a plan written before this key existed loads
+    with 300 s, what its runs used)."""
+
     sync_every: bounded_int(1, 1_000_000, "steps")
     fragments: bounded_int(1, 1024)
     pattern: Literal["strided", "sequential"]
@@ -140,6 +144,7 @@ class DilocoSettings(Strict):
     quantization: Literal["fp4", "int8", "bf16", "none"]
     outer_lr: bounded_float(0, 100, low_open=True) = 0.7
     outer_momentum: bounded_float(0, 1, high_open=True) = 0.9
+    timeout_s: bounded_float(1, 1e6, "s") = 300.0
 
     @model_validator(mode="after")
     def _steps_fit(self) -> Self:
@@ -169,6 +174,14 @@ class LaunchHost(Strict):
     nproc_per_node: bounded_int(1, MAX_DEVICES_PER_HOST)
     devices: list[DeviceId] = Field(min_length=1, max_length=MAX_DEVICES_PER_HOST)
     rdzv_endpoint: Endpoint
+
+
+class LaunchPolicy(Strict):
+    """How `hetsched launch` watches the run: a host whose workers send no heartbeat, or
+    make no progress, for `hang_timeout_s` is named as hung and the launch is stopped
+    (`cli.hangs`). A plan written before this key existed loads with the default."""
+
+    hang_timeout_s: bounded_float(1, 1e6, "s") = 60.0
 
 
 class Skipping(Strict):
@@ -220,6 +233,7 @@ class Plan(Strict):
     optimizer: OptimizerSettings = Field(
         default_factory=lambda: OptimizerSettings(sharding="none"))
     launch: list[LaunchHost] = Field(min_length=1, max_length=MAX_HOSTS)
+    launch_policy: LaunchPolicy = Field(default_factory=LaunchPolicy)
     estimates: Estimates
     costs: CostAssumptions | None = None  # the cost assumptions the estimates were made with
     depths: list[DepthEstimate] = Field(default_factory=list, max_length=MAX_WORLD)

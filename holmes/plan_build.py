@@ -12,9 +12,10 @@ no stage uses are listed with the reason (`left_out`, `idle`).
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
-from holmes.estimate import Estimate, optimizer_shards
+from holmes.estimate import Estimate, diloco_exchange_s, optimizer_shards
 from holmes.fabric import fabric_of_host
 from holmes.network import host_of
 from holmes.nics import group_env
@@ -26,6 +27,7 @@ from holmes.plan import (
     Group,
     IdleDevice,
     LaunchHost,
+    LaunchPolicy,
     LeftOutHost,
     MicrobatchPath,
     OptimizerSettings,
@@ -42,6 +44,12 @@ from topology.schema import Topology
 IDLE_WARNING_FRACTION = 0.10
 
 RDZV_PORT = 29400
+HANG_TIMEOUT_FLOOR_S = 60.0
+HANG_TIMEOUT_STEPS = 10
+HANG_EXCHANGES = 2
+DILOCO_TIMEOUT_FLOOR_S = 60.0
+DILOCO_TIMEOUT_EXCHANGES = 10
+DILOCO_AFTER_HANG_S = 30.0
 
 
 def build_plan(decision: Decision, topology_file: str | None = None,
@@ -51,6 +59,8 @@ def build_plan(decision: Decision, topology_file: str | None = None,
     launch = _launch(topology, chosen)
     ranks = {d: i for i, d in enumerate(d for h in launch for d in h.devices)}
     backend = "gloo" if any(_device_kind(topology, d) == "cpu" for d in ranks) else "nccl"
+    exchange_s = diloco_exchange_s(chosen, ctx) if chosen.sync == "diloco" else 0.0
+    hang_s = hang_timeout_s(chosen.step_s, exchange_s)
     return Plan(
         version=PLAN_VERSION,
         topology_sha256=(decision.source or topology).sha256(),
@@ -67,9 +77,11 @@ def build_plan(decision: Decision, topology_file: str | None = None,
         skipping=_skipping(decision),
         groups=_groups(decision, ranks, backend),
         nccl_net_selection=ctx.selection if backend == "nccl" else None,
-        diloco=_diloco(decision) if chosen.sync == "diloco" else None,
+        diloco=_diloco(decision, diloco_timeout_s(exchange_s, hang_s))
+        if chosen.sync == "diloco" else None,
         optimizer=OptimizerSettings(sharding=ctx.optimizer_sharding),
         launch=launch,
+        launch_policy=LaunchPolicy(hang_timeout_s=hang_s),
         estimates=Estimates(
             iteration_s=round(chosen.step_s, 6), tokens_per_s=round(chosen.tokens_per_s, 1),
             bytes_per_step={k: round(v) for k, v in sorted(chosen.bytes_per_step.items())},
@@ -83,6 +95,14 @@ def build_plan(decision: Decision, topology_file: str | None = None,
         left_out=[LeftOutHost(host=h.host, reason=h.reason) for h in decision.left_out],
         idle=idle_devices(decision),
     )
+
+
+def hang_timeout_s(step_s: float, exchange_s: float = 0.0) -> float:
+    """How long a host may make no progress before the launcher calls it hung: ten of the
+    plan's estimated steps, never under a minute, and at least twice the slowest DiLoCo
+    exchange (a step may wait for one that nothing overlapped)."""
+    return float(max(HANG_TIMEOUT_FLOOR_S, math.ceil(HANG_TIMEOUT_STEPS * step_s),
+                     math.ceil(HANG_EXCHANGES * exchange_s)))
 
 
 def _device_kind(topology: Topology, device: str) -> str:
@@ -187,11 +207,20 @@ def _skipping(decision: Decision) -> Skipping | None:
                     full_pipeline_s=round(full.step_s, 6))
 
 
-def _diloco(decision: Decision) -> DilocoSettings:
+def _diloco(decision: Decision, timeout_s: float) -> DilocoSettings:
     d = decision.context.diloco
     return DilocoSettings(sync_every=d.sync_every, fragments=d.fragments, pattern=d.pattern,
                           overlap_steps=d.overlap_steps, alpha=d.alpha,
-                          quantization=d.quantization)
+                          quantization=d.quantization, timeout_s=timeout_s)
+
+
+def diloco_timeout_s(exchange_s: float, hang_s: float) -> float:
+    """How long a replica waits for a DiLoCo exchange: ten times the slowest exchange's
+    estimate on the measured links, never under a minute, and longer than the launcher's
+    hang timeout, so that a hung replica is named by the launcher before its peers give
+    up waiting for it."""
+    return float(max(DILOCO_TIMEOUT_FLOOR_S, math.ceil(DILOCO_TIMEOUT_EXCHANGES * exchange_s),
+                     hang_s + DILOCO_AFTER_HANG_S))
 
 
 def summary(decision: Decision, plan: Plan, topology_name: str) -> list[str]:
@@ -286,6 +315,16 @@ def left_out_lines(plan: Plan) -> list[str]:
     hosts = "; ".join(f"{h.host}: {h.reason}" for h in plan.left_out[:5])
     more = f"; and {len(plan.left_out) - 5} more" if len(plan.left_out) > 5 else ""
     return [f"Left out: {_count(len(plan.left_out), 'host')} ({hosts}{more})."]
+
+
+def fault_lines(plan: Plan) -> list[str]:
+    """How the run is watched for faults: the launcher's hang timeout, DiLoCo's wait."""
+    lines = [f"Faults: a host is hung after {plan.launch_policy.hang_timeout_s:g} s without "
+             "a heartbeat or progress (launch_policy.hang_timeout_s)."]
+    if plan.diloco is not None:
+        lines.append(f"DiLoCo: a replica fails after waiting {plan.diloco.timeout_s:g} s for "
+                     "an exchange (diloco.timeout_s).")
+    return lines
 
 
 def idle_lines(plan: Plan) -> list[str]:
