@@ -70,8 +70,9 @@ EXAMPLES = ["holmes-ib-roce", "holmes-a100-v100", "holmes-three-fabrics", "one-i
 ONE_FABRIC = "one-ib-fabric"
 NAIVE_TARGET = 1.3
 BOUND_TARGET = 0.90
-PER_COMMUNICATOR = PlanOptions(nccl_net="per-communicator")
-PER_PROCESS = PlanOptions(nccl_net="per-process")
+# Placement alone, at tensor parallel 1: what TP adds is bench/tp_planner.py's table.
+PER_COMMUNICATOR = PlanOptions(nccl_net="per-communicator", tensor_parallel=1)
+PER_PROCESS = PlanOptions(nccl_net="per-process", tensor_parallel=1)
 
 
 def models() -> list[tuple[str, ModelConfig]]:

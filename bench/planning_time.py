@@ -3,7 +3,11 @@
 Cases (the baseline is the limit itself):
 
 - `scale-1024`: `examples/scale-1024` (128 hosts x 8 GPUs, four fabrics) with the
-  80-layer llama-70b preset; limits <= 10 s and < 2 GiB.
+  80-layer llama-70b preset, tensor-parallel candidates included; limits <= 10 s and
+  < 2 GiB.
+- `scale-16k`: 2,048 hosts x 8 A100 = 16,384 GPUs, eight sites of an InfiniBand and a
+  RoCE fabric each (`examples/generate.py:scale_16k`, written to a temporary folder,
+  not committed), llama-70b with TP candidates; limits <= 60 s and < 4 GiB.
 - `geo12`: `examples/geo12` (20 geo nodes) with skippipe-llama-24l and 6 stages; limit
   <= 2 s (no memory limit in the issue; printed anyway).
 
@@ -17,9 +21,11 @@ Each case is measured two ways, each in a fresh process so that peak RSS
    wall time from spawn to exit (interpreter start, imports, planning, writing the plan,
    printing the summary) -- what a user waits for.
 
-Each is repeated (`--repeats`, default 3) and judged on the median wall time and the
-largest peak RSS. Also printed: candidates simulated and layouts rejected. The machine
-is shared, so times vary between runs; the min-max range is shown.
+Each is repeated (`--repeats`, default 3; scale-16k once) and judged on the median wall
+time and the largest peak RSS. Also printed: candidates simulated, layouts rejected and
+skipped by the lower bound, the wall seconds of each planning phase, the CPU seconds of
+the planning child, and `uptime`'s load average before and after: the machine is shared,
+so times vary between runs; the min-max range is shown.
 
     .venv/bin/python bench/planning_time.py [--repeats N]
 
@@ -55,12 +61,36 @@ class Case:
     stages: int | None
     max_seconds: float
     max_rss_bytes: float | None
+    repeats: int | None = None  # None: --repeats
 
 
 CASES = [
     Case("scale-1024", "scale-1024", "llama-70b", None, 10.0, 2 * GIB),
+    Case("scale-16k", "scale-16k", "llama-70b", None, 60.0, 4 * GIB, repeats=1),
     Case("geo12", "geo12", "skippipe-llama-24l", 6, 2.0, None),
 ]
+BUILT = {"scale-16k": "scale_16k"}  # examples built by examples/generate.py, not committed
+
+
+def topology_path(case: Case, folder: Path) -> Path:
+    return folder / case.example / "topology.yaml" if case.example in BUILT \
+        else example_path(case.example)
+
+
+def build_examples(folder: Path) -> None:
+    """Write the BUILT examples under `folder` (libyaml's dumper: seconds, not minutes)."""
+    import yaml
+
+    sys.path.insert(0, str(REPO / "examples"))
+    import generate
+
+    for name, function in BUILT.items():
+        topology, header = getattr(generate, function)()
+        path = folder / name / "topology.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = yaml.dump(topology.to_plain(), Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper),
+                         sort_keys=False, default_flow_style=None, width=100)
+        path.write_text("".join(f"# {line}\n" for line in header.splitlines()) + text)
 
 
 @dataclass
@@ -73,21 +103,23 @@ class Run:
 # --- the child: plan once in-process and report ------------------------------------------
 
 
-def child(case_name: str) -> None:
+def child(case_name: str, folder: Path) -> None:
     from holmes.model import load_model
     from holmes.plan_build import build_plan
     from holmes.planner import PlanOptions, decide
     from topology.schema import load_topology
 
     case = next(c for c in CASES if c.name == case_name)
+    path = topology_path(case, folder)
+    cpu_start = time.process_time()
     start = time.perf_counter()
-    topology = load_topology(example_path(case.example))
+    topology = load_topology(path)
     config = load_model(case.model)
     loaded = time.perf_counter()
     options = PlanOptions(stages=case.stages, nccl_net="per-communicator")
     decision = decide(topology, config, options)
     decided = time.perf_counter()
-    build_plan(decision, topology_file=str(example_path(case.example)), model_source=case.model)
+    build_plan(decision, topology_file=str(path), model_source=case.model)
     done = time.perf_counter()
     print(
         json.dumps(
@@ -99,6 +131,9 @@ def child(case_name: str) -> None:
                 "regime": decision.regime,
                 "candidates": len(decision.candidates),
                 "rejected": len(decision.rejected),
+                "skipped": decision.skipped,
+                "phases": decision.phases,
+                "cpu_s": time.process_time() - cpu_start,
                 "chosen": decision.chosen.layout.description,
                 "step_s": decision.chosen.step_s,
             }
@@ -129,19 +164,20 @@ def spawn(argv: list[str]) -> tuple[float, int, str]:
     return seconds, usage.ru_maxrss * 1024, stdout
 
 
-def planning_run(case: Case) -> Run:
-    _, rss, stdout = spawn([sys.executable, __file__, "--child", case.name])
+def planning_run(case: Case, folder: Path) -> Run:
+    _, rss, stdout = spawn([sys.executable, __file__, "--child", case.name, "--folder",
+                            str(folder)])
     report = json.loads(stdout.strip().splitlines()[-1])
     return Run(report["plan_s"], rss, report)
 
 
-def hetsched_argv(case: Case, output: Path) -> list[str]:
+def hetsched_argv(case: Case, output: Path, folder: Path) -> list[str]:
     script = Path(sys.executable).with_name("hetsched")
     head = [str(script)] if script.exists() else [sys.executable, "-m", "cli"]
     argv = [
         *head,
         "plan",
-        str(example_path(case.example)),
+        str(topology_path(case, folder)),
         "--model",
         case.model,
         "-o",
@@ -150,9 +186,9 @@ def hetsched_argv(case: Case, output: Path) -> list[str]:
     return argv + (["--stages", str(case.stages)] if case.stages else [])
 
 
-def cli_run(case: Case) -> Run:
+def cli_run(case: Case, folder: Path) -> Run:
     with tempfile.TemporaryDirectory() as tmp:
-        seconds, rss, _ = spawn(hetsched_argv(case, Path(tmp) / "plan.yaml"))
+        seconds, rss, _ = spawn(hetsched_argv(case, Path(tmp) / "plan.yaml", folder))
     return Run(seconds, rss, {})
 
 
@@ -201,16 +237,18 @@ def row(m: Measured, candidates: str) -> list[str]:
 
 
 def search_note(case: Case, report: dict) -> str:
-    text = f"{report['candidates']} simulated, {report['rejected']} rejected"
+    text = (f"{report['candidates']} simulated, {report['rejected']} rejected, "
+            f"{report['skipped']} skipped")
     if report["regime"] == "geo":
         rounds = inspect.signature(geo_layout).parameters["rounds"].default
         text += f" (DT-FM local search: {rounds} swaps)"
     return text
 
 
-def measure(case: Case, repeats: int) -> tuple[list[Measured], dict]:
-    planning = [planning_run(case) for _ in range(repeats)]
-    cli = [cli_run(case) for _ in range(repeats)]
+def measure(case: Case, repeats: int, folder: Path) -> tuple[list[Measured], dict]:
+    repeats = case.repeats or repeats
+    planning = [planning_run(case, folder) for _ in range(repeats)]
+    cli = [cli_run(case, folder) for _ in range(repeats)]
     return [Measured(case, "planning", planning), Measured(case, "hetsched plan", cli)], planning[
         0
     ].report
@@ -219,23 +257,39 @@ def measure(case: Case, repeats: int) -> tuple[list[Measured], dict]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--case", action="append", help="only these cases (default: all)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child)
+        child(args.child, args.folder)
         return 0
-    print(f"== planning time and peak RSS (median of {args.repeats}; each run a fresh process) ==")
+    with tempfile.TemporaryDirectory(prefix="planning-time-") as tmp:
+        return run_cases([c for c in CASES if not args.case or c.name in args.case],
+                         args.repeats, Path(tmp))
+
+
+def load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def run_cases(cases: list[Case], repeats: int, folder: Path) -> int:
+    print(f"== planning time and peak RSS (median of {repeats}; each run a fresh process) ==")
+    print(f"load average before: {load_average()} (this machine: {os.cpu_count()} CPUs)")
+    if any(c.example in BUILT for c in cases):
+        build_examples(folder)
     rows, details, ok = [], [], True
-    for case in CASES:
-        measured, report = measure(case, args.repeats)
+    for case in cases:
+        measured, report = measure(case, repeats, folder)
         note = search_note(case, report)
         rows += [row(m, note) for m in measured]
         ok = ok and all(m.time_ok and m.memory_ok for m in measured)
         details.append(
             f"  {case.name}: {case.model}, {report['regime']} regime; load "
-            f"{report['load_s']:.2f} s + decide {report['decide_s']:.2f} s + build "
-            f"{report['build_s']:.2f} s; chosen: {report['chosen']} "
-            f"({report['step_s']:.3g} s/step)"
+            f"{report['load_s']:.2f} s + decide {report['decide_s']:.2f} s ("
+            + ", ".join(f"{k} {v:.2f} s" for k, v in report["phases"].items())
+            + f") + build {report['build_s']:.2f} s; CPU {report['cpu_s']:.2f} s; chosen: "
+            f"{report['chosen']} ({report['step_s']:.3g} s/step)"
         )
     print_table(
         ["case", "measured", "wall s", "range", "limit", "", "peak MiB", "limit", "", "candidates"],
@@ -243,6 +297,7 @@ def main() -> int:
         right=[False, False, True, True, True, False, True, True, False, False],
     )
     print("\n".join(details))
+    print(f"load average after: {load_average()}")
     print(f"\noverall: {verdict(ok)}")
     return 0 if ok else 1
 

@@ -1,6 +1,7 @@
 """Drawing one simulated iteration as a Gantt chart (PNG or SVG, by the file's suffix).
 
-A row per device; a box per forward (light), loss and backward (dark), coloured by
+A row per device (a tensor-parallel group is one row: its GPUs run in lock step, the
+label names the group); a box per forward (light), loss and backward (dark), coloured by
 microbatch; each transfer is a grey line from the sender's row at its start to the
 receiver's row at its arrival; a data-parallel all-reduce tail is hatched.
 `draw_measured_beside` draws one measured step of a run (its timings) above the
@@ -18,7 +19,8 @@ from skippipe.simulate import Event, SimResult
 ALPHA = {"forward": 0.55, "loss": 1.0, "backward": 1.0}
 
 
-def draw_gantt(result: SimResult, rows: list[str], image_format: str, title: str) -> bytes:
+def draw_gantt(result: SimResult, rows: list[str], image_format: str, title: str,
+               labels: dict[str, str] | None = None) -> bytes:
     """The chart as the bytes of a `png` or `svg` file (the caller writes it)."""
     import matplotlib
 
@@ -26,7 +28,7 @@ def draw_gantt(result: SimResult, rows: list[str], image_format: str, title: str
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(12, 1.0 + 0.45 * len(rows)))
-    _draw_on(axes, result, rows, title)
+    _draw_on(axes, result, rows, title, labels)
     return _save(figure, image_format)
 
 
@@ -97,7 +99,8 @@ def _save(figure: Any, image_format: str) -> bytes:
     return image.getvalue()
 
 
-def _draw_on(axes: Any, result: SimResult, rows: list[str], title: str) -> None:
+def _draw_on(axes: Any, result: SimResult, rows: list[str], title: str,
+             labels: dict[str, str] | None = None) -> None:
     import matplotlib.pyplot as plt
 
     row_of = {name: i for i, name in enumerate(rows)}
@@ -118,7 +121,7 @@ def _draw_on(axes: Any, result: SimResult, rows: list[str], title: str) -> None:
         axes.barh(row_of[event.node], width, left=event.start, height=0.6,
                   color=colours(event.microbatch % 20), alpha=ALPHA[event.kind],
                   edgecolor="black", linewidth=0.3)
-    axes.set_yticks(range(len(rows)), rows)
+    axes.set_yticks(range(len(rows)), [(labels or {}).get(r, r) for r in rows])
     axes.invert_yaxis()
     axes.set_xlabel("seconds")
     axes.set_title(title)

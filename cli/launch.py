@@ -50,7 +50,7 @@ from cli.torchrun import (
     check_plan_hosts,
     host_ranks,
 )
-from holmes.plan import Plan, load_plan
+from holmes.plan import Plan, load_plan, tensor_parallel_refusal
 from holmes.review import check_plan_source, plan_topology
 from holmes.transports import missing_here
 from topology.errors import InputError
@@ -142,6 +142,8 @@ def launch(plan_file: Path, script: tuple[str, ...], via: Via, lab_name: str | N
     ssh = _ssh_options(via, workdir, ssh_config, identity, ssh_user, ssh_options)
     torchrun = _remote_torchrun(via, torchrun_command, python)
     plan = load_plan(plan_file)
+    if (refusal := tensor_parallel_refusal(plan)) is not None:
+        raise InputError(refusal, plan_file, "stages[].tensor_parallel")
     check_plan_hosts(plan, via)
     check_plan_source(plan, plan_file)
     _check_topology(plan, plan_file, topology_file, force)

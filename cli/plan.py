@@ -19,7 +19,14 @@ from holmes.hf_config import builtin_names
 from holmes.hosts import CPU_HOST_FLAG
 from holmes.model import list_presets, load_model
 from holmes.plan import Plan, load_plan, save_plan
-from holmes.plan_build import build_plan, fault_lines, idle_lines, left_out_lines, summary
+from holmes.plan_build import (
+    build_plan,
+    fault_lines,
+    idle_lines,
+    left_out_lines,
+    summary,
+    tensor_parallel_line,
+)
 from holmes.planner import PlanOptions, decide, naive_estimate, naive_like_estimate
 from holmes.review import (
     check_plan_source,
@@ -84,6 +91,11 @@ def _costs(option: str | None) -> CostAssumptions | None:
               help="How NCCL groups get their network: per communicator (ncclConfig_t "
               "net_name; needs a torch with ProcessGroupNCCL.Options().config.net_name) or "
               "per process (NCCL_NET). auto: what this machine's torch offers.")
+@click.option("--tensor-parallel", type=click.Choice(["auto", "1", "2", "4", "8"]),
+              default="auto", show_default=True,
+              help="Tensor-parallel degree inside hosts (Megatron); auto: the planner picks "
+              "among those dividing every host's devices in a stage. Plans with TP > 1 are "
+              "not launched yet (the runtime runs TP 1).")
 @click.option("--calibration", "calibration_file", type=FILE,
               help="A calibration (`hetsched calibrate`): measured device speeds, link "
               "figures and step overhead replace the topology's.")
@@ -96,7 +108,8 @@ def _costs(option: str | None) -> CostAssumptions | None:
 def plan(topology_file: Path, model_name: str, output: Path, sync: str, regime: str,
          stages: int | None, sync_every: int, fragments: int, quantization: str,
          skip_ratio: float | None, max_swaps: int | None, optimizer_sharding: str, nccl_net: str,
-         calibration_file: Path | None, include_cpu_hosts: bool, costs_option: str | None,
+         calibration_file: Path | None, tensor_parallel: str, include_cpu_hosts: bool,
+         costs_option: str | None,
          as_json: bool) -> None:
     """Plan MODEL on TOPOLOGY_FILE: stages, layers, groups, NICs, sync; write plan.yaml."""
     check_output(output, topology_file, Path(model_name), calibration_file,
@@ -115,7 +128,9 @@ def plan(topology_file: Path, model_name: str, output: Path, sync: str, regime: 
                                                                 sync_every - 1),
                                               quantization=quantization),
                           optimizer_sharding=optimizer_sharding, nccl_net=nccl_net,
-                          include_cpu_hosts=include_cpu_hosts, costs=_costs(costs_option))
+                          include_cpu_hosts=include_cpu_hosts, costs=_costs(costs_option),
+                          tensor_parallel=None if tensor_parallel == "auto"
+                          else int(tensor_parallel))
     as_written = load_topology(topology_file)
     topology = _calibrated(as_written, calibration_file)
     decision = decide(topology, load_model(model_name), options)
@@ -147,14 +162,14 @@ def _relative_to(path: Path, plan_file: Path) -> str:
 
 def _candidates_table(candidates: list[Estimate], chosen: Estimate) -> Table:
     table = Table(title="candidates (fastest first)")
-    for column in ("", "layout", "stages", "sync", "s/iter", "tokens/s", "bubble"):
+    for column in ("", "layout", "stages", "TP", "sync", "s/iter", "tokens/s", "bubble"):
         table.add_column(column, justify="left" if column in ("layout", "sync") else "right")
     for e in sorted(candidates, key=lambda e: e.step_s)[:CANDIDATE_ROWS]:
         table.add_row("*" if e is chosen else "", e.layout.description, str(e.layout.stages),
-                      e.sync, f"{e.step_s:.4g}", f"{e.tokens_per_s:,.0f}",
-                      f"{e.bubble_fraction:.0%}")
+                      str(e.layout.tensor_parallel), e.sync, f"{e.step_s:.4g}",
+                      f"{e.tokens_per_s:,.0f}", f"{e.bubble_fraction:.0%}")
     if len(candidates) > CANDIDATE_ROWS:
-        table.add_row("", f"… {len(candidates) - CANDIDATE_ROWS} more", "", "", "", "", "")
+        table.add_row("", f"… {len(candidates) - CANDIDATE_ROWS} more", "", "", "", "", "", "")
     return table
 
 
@@ -188,6 +203,7 @@ def show(plan_file: Path, topology_file: Path | None, gantt: Path | None,
         return
     topology = _calibrated(plan_topology(the_plan, plan_file, topology_file), calibration_file)
     console = Console()
+    console.print(tensor_parallel_line(the_plan), highlight=False)
     console.print(_stages_table(the_plan))
     console.print(_groups_table(the_plan))
     console.print(_load_table(the_plan))
@@ -217,24 +233,28 @@ def _draw(the_plan: Plan, plan_file: Path, topology, gantt: Path,  # noqa: ANN00
     result = estimate_plan(the_plan, topology, plan_model(the_plan, None, plan_file),
                            assumptions=override)
     active = {event.node for event in result.simulation.timeline}
-    rows = [d for s in the_plan.replicas[0].stages for d in the_plan.stage(s).devices
+    rows = [d for s in the_plan.replicas[0].stages for d in the_plan.stage(s).leaders()
             if d in active]
+    labels = {g[0]: f"{g[0]}..{g[-1].split(':', 1)[1]} (TP {len(g)})"
+              for stage in the_plan.stages for g in stage.tp_groups() if len(g) > 1}
     image = draw_gantt(result.simulation, rows, gantt.suffix[1:],
                        f"{the_plan.model.name}: one iteration of replica 0, lane 0 "
-                       f"({result.iteration_s:.3g} s simulated)")
+                       f"({result.iteration_s:.3g} s simulated)", labels)
     write_bytes_atomic(gantt, image)
 
 
 def _stages_table(the_plan: Plan) -> Table:
+    degrees = sorted({s.tensor_parallel for s in the_plan.stages})
     table = Table(title=f"{the_plan.model.name}: {len(the_plan.replicas)} replica(s), "
-                  f"sync {the_plan.sync}")
-    for column in ("stage", "replica", "layers", "devices", "holds"):
+                  f"sync {the_plan.sync}, tensor parallel {'/'.join(map(str, degrees))}")
+    for column in ("stage", "replica", "layers", "devices", "TP x DP", "holds"):
         table.add_column(column)
     for stage in the_plan.stages:
         devices = ", ".join(stage.devices) if len(stage.devices) <= 4 else \
             f"{stage.devices[0]} … {stage.devices[-1]} ({len(stage.devices)})"
+        shape = f"{stage.tensor_parallel} x {len(stage.devices) // stage.tensor_parallel}"
         table.add_row(str(stage.id), str(stage.replica), f"[{stage.layers[0]}, {stage.layers[1]})",
-                      devices, ", ".join(stage.holds))
+                      devices, shape, ", ".join(stage.holds))
     return table
 
 

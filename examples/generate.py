@@ -230,6 +230,28 @@ scale-1024: 128 hosts x 8 A100 = 1024 GPUs in four fabrics of 32 hosts, one per 
     return topology("scale-1024", sites, hosts), header
 
 
+def scale_16k() -> tuple[Topology, str]:
+    """2,048 hosts x 8 A100 = 16,384 GPUs: eight sites, each an InfiniBand and a RoCE
+    fabric of 128 hosts. Not committed (about 3 MB): bench/planning_time.py builds it."""
+    hosts: list[Host] = []
+    sites = []
+    for i in range(8):
+        site = f"site{i}"
+        sites.append(Site(name=site, description="an InfiniBand and a RoCE fabric, 128 hosts "
+                          "each"))
+        hosts += fabric_hosts(f"{site}-ib-", 128, site, A100_IB_HDR, 2 * i + 1)
+        hosts += fabric_hosts(f"{site}-roce-", 128, site, A100_ROCE, 2 * i + 2)
+    for host in hosts:  # 128 hosts per subnet need two address bytes
+        n = int(host.name.rsplit("-", 1)[1])
+        subnet = host.address.split(".")[1]
+        host.address = f"10.{subnet}.{n // 250}.{n % 250 + 1}"
+    header = f"""\
+scale-16k: 2,048 hosts x 8 A100 = 16,384 GPUs in eight sites of two fabrics (InfiniBand
+and RoCE, 128 hosts each), for the planning-time benchmark (built, not committed).
+{DATACENTRE_ASSUMPTIONS}"""
+    return topology("scale-16k", sites, hosts), header
+
+
 # ---------------------------------------------------------------- geo12 (SkipPipe)
 
 GEO12_NODES = 20

@@ -29,18 +29,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import heapq
 import itertools
 import math
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from holmes import calibration, costs
+from holmes import calibration, costs, tensor_parallel
 from holmes.assumptions import CostAssumptions, default_costs
 from holmes.fabric import Fabric
 from holmes.model import ModelConfig
-from holmes.network import Network, host_of
-from holmes.partition import Partition, StageCost, partition_layers
+from holmes.network import INTRA_HOST_LATENCY_MS, Network, host_of
+from holmes.partition import Method, Partition, StageCost, partition_layers
 from holmes.placement import Layout, Stages
 from holmes.transports import Selection, fabric_transport, layout_groups, socket_devices
 from skippipe.simulate import PipelineSpec, Route, SimResult, simulate
@@ -106,6 +107,13 @@ class Context:
     optimizer_sharding: str = "zero1"  # or "none": see `optimizer_shards`
     assumptions: CostAssumptions = field(default_factory=default_costs)
     busy_fraction: float = 1.0  # of a step a worker computes (CPU sharing: holmes.calibration)
+    # Memos of what many layouts share (planning 16,384 GPUs looks them up thousands of
+    # times): replica shares by (lanes, speeds, microbatches), stage extremes by devices.
+    # Not init fields: a context made with dataclasses.replace starts with empty ones.
+    shares_seen: dict[tuple, tuple[int, ...]] = field(default_factory=dict, repr=False,
+                                                      init=False)
+    extremes_seen: dict[tuple[str, ...], tuple[str, str]] = field(default_factory=dict,
+                                                                   repr=False, init=False)
 
     @property
     def microbatch(self) -> int:
@@ -170,8 +178,11 @@ class Context:
         return self._device(device).kind == "cpu"
 
     def _device(self, device: str) -> Device:
-        host, name = device.split(":", 1)
-        return next(d for d in self.topology.host(host).devices if d.name == name)
+        return self._devices[device]
+
+    @functools.cached_property
+    def _devices(self) -> dict[str, Device]:
+        return {f"{h.name}:{d.name}": d for h in self.topology.hosts for d in h.devices}
 
 
 def socket_forced(layout: Layout, ctx: Context, sync: str) -> frozenset[str]:
@@ -208,13 +219,24 @@ def replica_microbatches(config: ModelConfig, layout: Layout, ctx: Context) -> l
     whole microbatches per lane, not just fractions. Every replica gets at least one."""
     lanes = [min(len(stage) for stage in replica) for replica in layout.replicas]
     speeds = [_slowest_tflops(replica, ctx) for replica in layout.replicas]
+    key = (tuple(lanes), tuple(speeds), config.training.microbatches)
+    if key not in ctx.shares_seen:
+        ctx.shares_seen[key] = tuple(_hand_out(lanes, speeds, config.training.microbatches))
+    return list(ctx.shares_seen[key])
+
+
+def _hand_out(lanes: list[int], speeds: list[float], microbatches: int) -> list[int]:
     shares = [1] * len(lanes)
 
     def finish(r: int) -> tuple[float, int]:
         return math.ceil((shares[r] + 1) / lanes[r]) / speeds[r], r
 
-    for _ in range(max(0, config.training.microbatches - len(shares))):
-        shares[min(range(len(shares)), key=finish)] += 1
+    heap = [finish(r) for r in range(len(shares))]
+    heapq.heapify(heap)
+    for _ in range(max(0, microbatches - len(shares))):
+        _, r = heapq.heappop(heap)  # the least (finish, index): min's choice, ties too
+        shares[r] += 1
+        heapq.heappush(heap, finish(r))
     return shares
 
 
@@ -228,36 +250,120 @@ def _first_ids(shares: list[int]) -> list[int]:
     return [sum(shares[:r]) for r in range(len(shares))]
 
 
-def partition_for(layout: Layout, ctx: Context, equal: bool = False) -> Partition:
+def partition_for(layout: Layout, ctx: Context, equal: bool = False,
+                  method: Method = "auto") -> Partition:
     """Layers per stage index (shared by all replicas), minimising the slowest stage."""
+    model = ctx.config.model
+    stage_costs = stage_costs_for(layout, ctx, equal)
+    if equal:
+        return _equal_partition(stage_costs, model.layers, model.name)
+    return partition_layers(stage_costs, model.layers, model_name=model.name, method=method)
+
+
+def stage_costs_for(layout: Layout, ctx: Context, equal: bool = False) -> list[StageCost]:
+    """What the partition knows of each stage: its slowest device's seconds per layer,
+    its head's seconds (none when `equal`), its smallest device's memory."""
     model, training = ctx.config.model, ctx.config.training
     in_flight_of = max(share // min(len(stage) for stage in replica)
                        for share, replica in zip(replica_microbatches(ctx.config, layout, ctx),
                                                  layout.replicas, strict=True))
     stage_costs = []
     for s in range(layout.stages):
-        devices = [d for replica in layout.replicas for d in replica[s]]
-        slowest = min(devices, key=lambda d: ctx.tflops(d) or math.inf)
-        smallest = min(devices, key=ctx.memory_bytes)
+        slowest, smallest = _extremes(ctx, tuple(m for replica in layout.replicas
+                                                 for d in replica[s] for m in layout.members(d)))
         head = s == layout.head_stage
+        t = layout.tp(s)
         memory = costs.stage_memory_terms(
             model, microbatch=ctx.microbatch,
             in_flight=_reserved_in_flight(ctx, s, layout.stages, in_flight_of, layout.loss_at),
             holds_embedding=s == 0, holds_head=head, recompute=training.recompute,
-            optimizer_shards=optimizer_shards(layout, s, ctx))
-        per_layer, fixed = ctx.layer_train_s(slowest), 0.0
+            tensor_parallel=t, optimizer_shards=optimizer_shards(layout, s, ctx))
+        per_layer, fixed = _tp_layer_s(ctx, t, slowest), 0.0
         if head and ctx.assumptions.head_loss == "flops":
-            fixed = ctx.head_loss_s(slowest, 0)
+            fixed = _tp_head_s(ctx, t, slowest, ctx.head_loss_s(slowest, 0))
         elif head:  # a fraction of the stage's forward grows with its layers
-            per_layer += ctx.head_loss_s(slowest, 1)
+            per_layer += ctx.head_loss_s(slowest, 1) / t
         stage_costs.append(StageCost(
             device=smallest, capacity_bytes=ctx.memory_bytes(smallest),
             seconds_per_layer=per_layer,
             bytes_per_layer=memory.per_layer, fixed_bytes=memory.fixed,
             fixed_seconds=0.0 if equal else fixed))
-    if equal:
-        return _equal_partition(stage_costs, model.layers, model.name)
-    return partition_layers(stage_costs, model.layers, model_name=model.name)
+    return stage_costs
+
+
+def _extremes(ctx: Context, devices: tuple[str, ...]) -> tuple[str, str]:
+    """(slowest, smallest) of `devices`, remembered per device tuple."""
+    if devices not in ctx.extremes_seen:
+        ctx.extremes_seen[devices] = (min(devices, key=lambda d: ctx.tflops(d) or math.inf),
+                                      min(devices, key=ctx.memory_bytes))
+    return ctx.extremes_seen[devices]
+
+
+def lower_bound_s(layout: Layout, partition: Partition, ctx: Context,
+                  uniform: list[StageCost] | None = None) -> float:
+    """A lower bound on `estimate(...).step_s` for any sync (transfers, all-reduces and
+    sync left out). In each replica, with n microbatches on a lane and w_s the work of
+    one microbatch on stage s, stage k cannot start before microbatch 0 has gone forward
+    through stages 0..k-1 and the step cannot end before the last one has come back
+    through them: T >= sum_{s<k} w_s + n w_k, for every k (1F1B's fill and drain).
+
+    With `partition` as it will be simulated, w_s is taken on each replica's fastest
+    device of stage s. With `uniform` (the stage costs of a layout whose stages all have
+    alike devices) the bound holds for every split whose slowest stage is
+    `partition.bottleneck_s`, so a greedy split bounds the ILP's: stages k.. hold at most
+    the layers that fit in that time (`cap`), the others hold the rest."""
+    if uniform is not None:
+        return _uniform_lower_bound(layout, partition, ctx, uniform)
+    bound = 0.0
+    shares = replica_microbatches(ctx.config, layout, ctx)
+    for replica, share in zip(layout.replicas, shares, strict=True):
+        work = []
+        for s, stage in enumerate(replica):
+            fastest = min(stage, key=ctx.layer_train_s)
+            t = layout.tp(s)
+            seconds = partition.layers[s] * _tp_layer_s(ctx, t, fastest)
+            if s == layout.head_stage:
+                seconds += _tp_head_s(ctx, t, fastest,
+                                      ctx.head_loss_s(fastest, partition.layers[s]))
+            work.append((seconds, share // len(stage)))
+        bound = max(bound, _fill_drain(work))
+    return bound * (1 - 1e-9)
+
+
+def _fill_drain(work: list[tuple[float, int]]) -> float:
+    """max_k sum_{s<k} w_s + n_k w_k over (w_s, n_s) in pipeline order."""
+    best, before = 0.0, 0.0
+    for seconds, n in work:
+        best = max(best, before + n * seconds)
+        before += seconds
+    return best
+
+
+def _uniform_lower_bound(layout: Layout, partition: Partition, ctx: Context,
+                         stage_costs: list[StageCost]) -> float:
+    layers = ctx.config.model.layers
+    top = partition.bottleneck_s * (1 + 1e-9)
+    caps = [min(c.max_layers(layers), max(0, math.floor((top - c.fixed_seconds)
+                                                        / c.seconds_per_layer)))
+            if c.seconds_per_layer > 0 else layers for c in stage_costs]
+    shares = replica_microbatches(ctx.config, layout, ctx)
+    bound = 0.0
+    for replica, share in zip(layout.replicas, shares, strict=True):
+        for k, cost in enumerate(stage_costs):
+            before_layers = max(k, layers - sum(caps[k:]))
+            own = max(1, layers - before_layers - sum(caps[k + 1:]))
+            before = before_layers * min(c.seconds_per_layer for c in stage_costs[:k]) \
+                if k else 0.0
+            bound = max(bound, before + (share // len(replica[k])) * cost.seconds(own))
+        bound = max(bound, partition.bottleneck_s * min(share // len(stage)
+                                                        for stage in replica))
+    return bound * (1 - 1e-9)
+
+
+def tp_link(ctx: Context, device: str) -> tuple[float, float]:
+    """(latency s, bytes/s each way) between the GPUs of `device`'s host: a TP group's link."""
+    gbps, _ = ctx.network.intra_host(host_of(device))
+    return INTRA_HOST_LATENCY_MS / 1000, costs.gbps_to_bytes_per_s(gbps)
 
 
 def _reserved_in_flight(ctx: Context, stage: int, stages: int, microbatches: int,
@@ -281,6 +387,22 @@ def assumed_in_flight(layout: Layout, partition: Partition, ctx: Context,
     if wanted == "memory" or skipping:
         return memory_in_flight(layout, partition, ctx)
     return None
+
+
+def _tp_layer_s(ctx: Context, t: int, device: str) -> float:
+    """Forward + backward seconds of one layer for one microbatch on `device`'s TP group."""
+    allreduce = tensor_parallel.activation_allreduce_seconds(
+        ctx.config.model, ctx.microbatch, t, *tp_link(ctx, device)) if t > 1 else 0.0
+    return tensor_parallel.split_seconds(
+        ctx.layer_train_s(device), t,
+        tensor_parallel.allreduces_per_layer(ctx.config.training.recompute), allreduce)
+
+
+def _tp_head_s(ctx: Context, t: int, device: str, seconds: float) -> float:
+    """The head and loss of one microbatch (`seconds` on one GPU) on a TP group of t."""
+    allreduce = tensor_parallel.activation_allreduce_seconds(
+        ctx.config.model, ctx.microbatch, t, *tp_link(ctx, device)) if t > 1 else 0.0
+    return tensor_parallel.split_seconds(seconds, t, 1, allreduce)
 
 
 def _equal_partition(stage_costs: list[StageCost], layers: int, name: str) -> Partition:
@@ -356,6 +478,7 @@ def _estimate(layout: Layout, partition: Partition, ctx: Context, sync: str,
                             for replica, share, first in zip(layout.replicas, shares,
                                                              _first_ids(shares), strict=True)]
     results = []
+    alike: dict[tuple, SimResult] = {}  # replicas whose simulated lane is the same
     bytes_per_step: Counter[str] = Counter()
     forced = socket_forced(layout, ctx, sync)
     for r, replica in enumerate(layout.replicas):
@@ -365,11 +488,18 @@ def _estimate(layout: Layout, partition: Partition, ctx: Context, sync: str,
         lanes = min(len(replica[0]), len(routes)) if full and _lane_sampled(replica) else 1
         simulated = routes[_slowest_lane(replica, ctx, lanes)::lanes]
         spec = _spec(layout, replica, partition, ctx, simulated, lanes, forced, in_flight)
-        result = simulate(spec, record_timeline=timeline and r == 0)
+        key = _lane_key(spec, ctx)
+        result = alike.get(key) if key is not None else None
+        if result is None:
+            result = simulate(spec, record_timeline=timeline and r == 0)
+            if key is not None:
+                alike[key] = result
         results.append(result)
         for (a, b), nbytes in result.bytes_per_link.items():
             bytes_per_step[_link_class(ctx, a, b)] += nbytes * lanes
         _add_data_parallel_bytes(bytes_per_step, layout, replica, partition, ctx)
+        _add_tensor_parallel_bytes(bytes_per_step, layout, replica, partition, ctx,
+                                   len(routes))
     iteration_s = max(r.iteration_s for r in results) + calibration.step_overhead_s(ctx.topology)
     sync_s, notes = _sync_cost(layout, partition, ctx, sync, iteration_s, bytes_per_step,
                                forced)
@@ -383,6 +513,28 @@ def _estimate(layout: Layout, partition: Partition, ctx: Context, sync: str,
                                                                    in_flight),
         routes=all_routes, simulation=results[0], notes=notes,
         in_flight=dict(in_flight) if in_flight else None)
+
+
+def _lane_key(spec: PipelineSpec, ctx: Context) -> tuple | None:
+    """Everything the simulation of `spec` depends on when all its routes take one path
+    (a sampled lane): per stage its seconds, tail and memory cap, per hop its latency,
+    bandwidth and link class, the loss. Two replicas with equal keys simulate alike (a
+    layout of one replica per site or fabric has many), so one result serves both; None
+    when the routes differ (skipping, unequal widths)."""
+    paths = {route.nodes for route in spec.routes}
+    if len(paths) != 1:
+        return None
+    path = paths.pop()
+    hops = list(itertools.pairwise(path)) + ([(path[-1], path[0])]
+                                             if spec.loss_at == "origin" else [])
+    link = [(spec.latency_s(a, b), spec.bandwidth_Bps(a, b), spec.latency_s(b, a),
+             spec.bandwidth_Bps(b, a), _link_class(ctx, a, b)) for a, b in hops]
+    loss = spec.loss_s if isinstance(spec.loss_s, float) else \
+        tuple(spec.loss_s.get(d, 0.0) for d in path)
+    return (len(spec.routes), spec.activation_bytes, spec.backward_ratio, spec.loss_at, loss,
+            tuple(spec.forward_s[d] for d in path),
+            tuple((spec.tail_s or {}).get(d, 0.0) for d in path),
+            tuple((spec.memory_limit or {}).get(d) for d in path), tuple(link))
 
 
 def full_pipeline_specs(est: Estimate, ctx: Context,
@@ -413,17 +565,21 @@ def _spec(layout: Layout, replica: Stages, partition: Partition, ctx: Context,
     share = _lane_share(replica, layout.loss_at) if lanes > 1 else Counter()
     used = {d for route in routes for d in route.nodes}
     for s, stage in enumerate(replica):
+        t = layout.tp(s)
         allreduce = _stage_allreduce_s(stage, partition.layers[s], _holds(layout, s), ctx,
-                                       forced) if ctx.assumptions.data_parallel == "counted" \
+                                       forced, t) if ctx.assumptions.data_parallel == "counted" \
             else 0.0
         for device in (d for d in stage if d in used):
-            forward[device] = partition.layers[s] * ctx.microbatch * ctx.layer_forward_s(device)
+            forward[device] = partition.layers[s] * ctx.microbatch * ctx.layer_forward_s(device) \
+                if t == 1 else \
+                partition.layers[s] * _tp_layer_s(ctx, t, device) / (1.0 + ctx.backward_ratio)
             tails[device] = allreduce
             limits[device] = (in_flight or {}).get(device) or in_flight_cap(
                 s, len(replica), len(routes), layout.loss_at)
     ratio = ctx.backward_ratio
-    head_layers = partition.layers[layout.head_stage]
-    loss = {d: ctx.head_loss_s(d, head_layers) for d in replica[layout.head_stage] if d in used}
+    head_layers, head_tp = partition.layers[layout.head_stage], layout.tp(layout.head_stage)
+    loss = {d: _tp_head_s(ctx, head_tp, d, ctx.head_loss_s(d, head_layers))
+            for d in replica[layout.head_stage] if d in used}
     hop_s, link_share = ctx.assumptions.hop_seconds, ctx.assumptions.link_efficiency
 
     def link(a: str, b: str) -> tuple[float, float]:
@@ -489,10 +645,12 @@ def _ring_link(devices: list[str], ctx: Context, forced: frozenset[str]
 
 
 def _stage_allreduce_s(stage: tuple[str, ...], layers: int, holds: tuple[bool, bool],
-                       ctx: Context, forced: frozenset[str]) -> float:
+                       ctx: Context, forced: frozenset[str], t: int = 1) -> float:
+    """The stage's data-parallel all-reduce; with TP degree t, t rings (one per TP rank)
+    over 1/t of the gradients each, sharing the links."""
     latency, bandwidth = _ring_link(list(stage), ctx, forced)
-    return costs.allreduce_seconds(_gradient_bytes(ctx, layers, holds), len(stage), latency,
-                                   bandwidth)
+    return costs.allreduce_seconds(_gradient_bytes(ctx, layers, holds) / t, len(stage),
+                                   latency, bandwidth / t)
 
 
 def _add_data_parallel_bytes(total: Counter[str], layout: Layout, replica: Stages,
@@ -502,6 +660,17 @@ def _add_data_parallel_bytes(total: Counter[str], layout: Layout, replica: Stage
         if n > 1:
             moved = 2 * (n - 1) * _gradient_bytes(ctx, partition.layers[s], _holds(layout, s))
             total[_group_class(ctx, list(stage))] += moved
+
+
+def _add_tensor_parallel_bytes(total: Counter[str], layout: Layout, replica: Stages,
+                               partition: Partition, ctx: Context, microbatches: int) -> None:
+    """The TP all-reduces of every microbatch through each stage (inside hosts)."""
+    model, training = ctx.config.model, ctx.config.training
+    for s in range(len(replica)):
+        per_layer = tensor_parallel.allreduce_bytes_per_layer(
+            model, ctx.microbatch, training.recompute, layout.tp(s))
+        if per_layer:
+            total["intra_host"] += per_layer * partition.layers[s] * microbatches
 
 
 def _sync_cost(layout: Layout, partition: Partition, ctx: Context, sync: str,
@@ -603,11 +772,14 @@ def _memory_gb(layout: Layout, partition: Partition, ctx: Context,
     for replica, share in zip(layout.replicas, shares, strict=True):
         lanes = len(replica[0]) if _lane_sampled(replica) else 1
         for s, stage in enumerate(replica):
+            by_held: dict[int, float] = {}  # every device of a stage holding as many alike
             for device in stage:
                 held = (in_flight or {}).get(device) or in_flight_cap(
                     s, layout.stages, share // lanes, layout.loss_at)
-                used = _device_memory(layout, partition, ctx, s, held)
-                memory[device] = round(used / costs.GB, 3)
+                if held not in by_held:
+                    by_held[held] = round(_device_memory(layout, partition, ctx, s, held)
+                                          / costs.GB, 3)
+                memory.update(dict.fromkeys(layout.members(device), by_held[held]))
     return memory
 
 
@@ -618,7 +790,8 @@ def _device_memory(layout: Layout, partition: Partition, ctx: Context, stage: in
         ctx.config.model, layers=partition.layers[stage], microbatch=ctx.microbatch,
         in_flight=in_flight, holds_embedding=stage == 0,
         holds_head=stage == layout.head_stage, recompute=ctx.config.training.recompute,
-        optimizer_shards=optimizer_shards(layout, stage, ctx)).total
+        tensor_parallel=layout.tp(stage), optimizer_shards=optimizer_shards(layout, stage,
+                                                                            ctx)).total
 
 
 def optimizer_shards(layout: Layout, stage: int, ctx: Context) -> int:

@@ -6,10 +6,16 @@ such hosts, it must also be fast (at least FAST_FRACTION of the slower host's NI
 or FAST_ETHERNET_GBPS when NIC speeds are unknown). Fabrics are the connected components
 of that relation (networkx). Data- and tensor-parallel groups stay inside one fabric;
 only pipeline traffic crosses between fabrics.
+
+Hosts of different NIC kinds or sites never share a fabric, so hosts are first bucketed
+by (kind, site); inside a bucket only a measured link can keep two hosts apart, and a
+bucket of k hosts with fewer than k - 1 such slow links is connected without looking at
+its pairs (what keeps 2,048 hosts from being 2 million pair checks).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import networkx as nx
@@ -36,6 +42,11 @@ class Fabric:
     def rdma(self) -> bool:
         return self.kind in (NicKind.INFINIBAND, NicKind.ROCE)
 
+    @functools.cached_property
+    def host_set(self) -> frozenset[str]:
+        """`hosts` as a set: membership in O(1) (plans of thousands of hosts ask often)."""
+        return frozenset(self.hosts)
+
 
 def usable_nics(host: Host) -> list[Nic]:
     """Physical NICs that are not down."""
@@ -60,14 +71,15 @@ def find_fabrics(topology: Topology) -> list[Fabric]:
     hosts = [h for h in topology.hosts if h.status == "ok"]
     if not hosts:
         raise InputError("the topology has no reachable host", field="hosts")
-    graph = nx.Graph()
-    graph.add_nodes_from(h.name for h in hosts)
-    for i, a in enumerate(hosts):
-        for b in hosts[i + 1 :]:
-            if _same_fabric(topology, a, b):
-                graph.add_edge(a.name, b.name)
     order = {h.name: i for i, h in enumerate(hosts)}
-    groups = [sorted(c, key=order.__getitem__) for c in nx.connected_components(graph)]
+    buckets: dict[tuple[NicKind, str | None], list[Host]] = {}
+    for host in hosts:
+        # A host without a site shares a fabric with no other host.
+        buckets.setdefault((best_nic_kind(host), host.site or f"\0{host.name}"), []).append(host)
+    groups = []
+    for members in buckets.values():
+        groups += _components(topology, members)
+    groups = [sorted(c, key=order.__getitem__) for c in groups]
     groups.sort(key=lambda members: (-len(members), order[members[0]]))
     fabrics = [_fabric_of(topology, members) for members in groups]
     return _unique_names(fabrics)
@@ -82,6 +94,22 @@ def _unique_names(fabrics: list[Fabric]) -> list[Fabric]:
             fabric = replace(fabric, name=f"{fabric.name}-{taken[fabric.name]}")
         named.append(fabric)
     return named
+
+
+def _components(topology: Topology, members: list[Host]) -> list[set[str]]:
+    """The fabrics among hosts of one NIC kind and site (`_same_fabric` pairs)."""
+    names = {h.name for h in members}
+    apart = sum(1 for link in topology.links if link.a in names and link.b in names
+                and not _same_fabric(topology, topology.host(link.a), topology.host(link.b)))
+    if apart < len(members) - 1:  # a clique less fewer than k - 1 edges is connected
+        return [names]
+    graph = nx.Graph()
+    graph.add_nodes_from(h.name for h in members)
+    for i, a in enumerate(members):
+        for b in members[i + 1 :]:
+            if _same_fabric(topology, a, b):
+                graph.add_edge(a.name, b.name)
+    return [set(c) for c in nx.connected_components(graph)]
 
 
 def _same_fabric(topology: Topology, a: Host, b: Host) -> bool:
@@ -112,4 +140,4 @@ def _fabric_of(topology: Topology, members: list[str]) -> Fabric:
 
 
 def fabric_of_host(fabrics: list[Fabric], host: str) -> Fabric:
-    return next(f for f in fabrics if host in f.hosts)
+    return next(f for f in fabrics if host in f.host_set)

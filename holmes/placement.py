@@ -13,6 +13,7 @@ Three ways to lay devices out, all producing a `Layout` (layers come later):
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import random
@@ -36,6 +37,11 @@ class Layout:
     each stage (a microbatch travels along one lane when the pipeline is full). `loss_at`
     says where the head and loss run: on the last stage (Megatron), or back at the origin
     in stage 0 (SkipPipe, whose partial routes always end where they began).
+
+    With tensor parallelism a stage lists its TP groups by their first device (the
+    leader, TP rank 0), and `tp_groups` holds every group, leader first, all on one host
+    (`holmes.tensor_parallel`); a device of `replicas` without a group is alone (TP 1).
+    `devices()` is every device the layout uses, group members included.
     """
 
     @property
@@ -46,13 +52,32 @@ class Layout:
     replicas: tuple[Stages, ...]
     description: str
     loss_at: str = "last"
+    tp_groups: tuple[tuple[str, ...], ...] = ()
 
     @property
     def stages(self) -> int:
         return len(self.replicas[0])
 
     def devices(self) -> list[str]:
-        return [d for replica in self.replicas for stage in replica for d in stage]
+        return [m for replica in self.replicas for stage in replica for d in stage
+                for m in self.members(d)]
+
+    def members(self, device: str) -> tuple[str, ...]:
+        """The TP group `device` leads (itself alone without tensor parallelism)."""
+        return self._groups.get(device, (device,))
+
+    def tp(self, stage: int) -> int:
+        """The tensor-parallel degree of stage `stage` (the same in every replica)."""
+        return len(self.members(self.replicas[0][stage][0]))
+
+    @property
+    def tensor_parallel(self) -> int:
+        """The largest TP degree of any stage (1: no tensor parallelism)."""
+        return max((len(g) for g in self.tp_groups), default=1)
+
+    @functools.cached_property
+    def _groups(self) -> dict[str, tuple[str, ...]]:
+        return {group[0]: group for group in self.tp_groups}
 
 
 def device_ids(topology: Topology) -> list[str]:
@@ -83,11 +108,12 @@ def datacentre_layouts(
         groupings.append(("one replica per site", per_site))
     if len(fabrics) > 1 and len(fabrics) != len(sites):
         groupings.append(("one replica per fabric", [[f] for f in fabrics]))
+    devices = _devices_by_fabric(topology, fabrics)
     layouts: dict[tuple, Layout] = {}
     for description, groups in groupings:
         ordered = [order_fabrics(group, network) for group in groups]
-        for depth in _depths(topology, fabrics, max_stages):
-            replicas = tuple(r for r in (_widest(topology, g, depth) for g in ordered) if r)
+        for depth in _depths(devices, fabrics, max_stages):
+            replicas = tuple(r for r in (_widest(devices, g, depth) for g in ordered) if r)
             if replicas and (len(replicas) > 1 or len(groups) == 1):
                 widths = "/".join(str(len(r[0])) for r in replicas)
                 layouts.setdefault(replicas, Layout(
@@ -96,36 +122,48 @@ def datacentre_layouts(
     return list(layouts.values())
 
 
-def _depths(topology: Topology, fabrics: list[Fabric], max_stages: int) -> list[int]:
+FabricDevices = dict[str, list[str]]
+
+
+def _devices_by_fabric(topology: Topology, fabrics: list[Fabric]) -> FabricDevices:
+    """Each fabric's devices in topology order (`fabric_devices`, computed once)."""
+    every = [(host_of(d), d) for d in device_ids(topology)]
+    return {f.name: [d for host, d in every if host in hosts]
+            for f in fabrics for hosts in [set(f.hosts)]}
+
+
+def _depths(devices: FabricDevices, fabrics: list[Fabric], max_stages: int) -> list[int]:
     """Pipeline depths worth trying: every stage count some data-parallel degree gives."""
-    depths = {len(_stages_of(topology, [f], dp)) for f in fabrics
-              for dp in _dp_degrees(topology, fabrics)}
-    depths |= {sum(len(_stages_of(topology, [f], dp)) for f in fabrics)
-               for dp in _dp_degrees(topology, fabrics)}
+    degrees = _dp_degrees(devices, fabrics)
+    depths = {_stage_count(devices, [f], dp) for f in fabrics for dp in degrees}
+    depths |= {_stage_count(devices, fabrics, dp) for dp in degrees}
     return sorted(d for d in depths if 0 < d <= max_stages)
 
 
-def _widest(topology: Topology, fabrics: list[Fabric], depth: int) -> Stages:
+def _stage_count(devices: FabricDevices, fabrics: list[Fabric], dp: int) -> int:
+    return sum(len(devices[f.name]) // dp for f in fabrics)
+
+
+def _widest(devices: FabricDevices, fabrics: list[Fabric], depth: int) -> Stages:
     """The first `depth` stages at the widest data-parallel degree that yields that many."""
-    for dp in sorted(_dp_degrees(topology, fabrics), reverse=True):
-        stages = _stages_of(topology, fabrics, dp)
-        if len(stages) >= depth:
-            return stages[:depth]
+    for dp in sorted(_dp_degrees(devices, fabrics), reverse=True):
+        if _stage_count(devices, fabrics, dp) >= depth:
+            return _stages_of(devices, fabrics, dp)[:depth]
     return ()
 
 
-def _dp_degrees(topology: Topology, fabrics: list[Fabric]) -> list[int]:
-    sizes = [len(fabric_devices(topology, f)) for f in fabrics]
+def _dp_degrees(devices: FabricDevices, fabrics: list[Fabric]) -> list[int]:
+    sizes = [len(devices[f.name]) for f in fabrics]
     powers = [2**i for i in range(max(sizes).bit_length())]
     return sorted({d for d in [*powers, *sizes] if d <= max(sizes)})
 
 
-def _stages_of(topology: Topology, fabrics: list[Fabric], dp: int) -> Stages:
+def _stages_of(devices: FabricDevices, fabrics: list[Fabric], dp: int) -> Stages:
     """Stages of `dp` consecutive devices, each inside one fabric, fabric after fabric."""
     stages = []
     for fabric in fabrics:
-        devices = fabric_devices(topology, fabric)
-        stages += [tuple(devices[i : i + dp]) for i in range(0, len(devices) - dp + 1, dp)]
+        found = devices[fabric.name]
+        stages += [tuple(found[i : i + dp]) for i in range(0, len(found) - dp + 1, dp)]
     return tuple(stages)
 
 

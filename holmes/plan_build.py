@@ -140,8 +140,9 @@ def _stages(chosen: Estimate) -> list[Stage]:
     def holds(s: int) -> list[str]:
         return (["embedding"] if s == 0 else []) + (["head"] if s == layout.head_stage else [])
 
-    return [Stage(id=r * layout.stages + s, replica=r, layers=ranges[s], devices=list(stage),
-                  holds=holds(s))
+    return [Stage(id=r * layout.stages + s, replica=r, layers=ranges[s],
+                  devices=[m for d in stage for m in layout.members(d)], holds=holds(s),
+                  tensor_parallel=layout.tp(s))
             for r, replica in enumerate(layout.replicas) for s, stage in enumerate(replica)]
 
 
@@ -238,6 +239,7 @@ def summary(decision: Decision, plan: Plan, topology_name: str) -> list[str]:
         f"Layout: {layout.description}; {len(layout.replicas)} replica(s) x "
         f"{layout.stages} stages, layers per stage {list(chosen.partition.layers)} "
         f"({chosen.partition.method}).",
+        tensor_parallel_line(plan),
     ]
     lines += _depth_lines(decision)
     lines += _sync_lines(decision)
@@ -255,8 +257,25 @@ def summary(decision: Decision, plan: Plan, topology_name: str) -> list[str]:
                      "their fabric or Ethernet NIC speed was assumed.")
     if decision.rejected:
         lines.append(f"{len(decision.rejected)} layouts did not fit in memory.")
+    if decision.skipped:
+        lines.append(f"{decision.skipped} layouts were not simulated: a lower bound on their "
+                     "iteration (the slowest stage's work, pipeline fill and drain) could not "
+                     "beat the plans found.")
     lines += left_out_lines(plan) + idle_lines(plan)
     return lines
+
+
+def tensor_parallel_line(plan: Plan) -> str:
+    """Tensor parallelism in words (the header and `show` say it either way)."""
+    degrees = sorted({s.tensor_parallel for s in plan.stages})
+    if degrees == [1]:
+        return "Tensor parallel: none (TP 1: every device holds whole layers)."
+    groups = sum(len(s.devices) // s.tensor_parallel for s in plan.stages
+                 if s.tensor_parallel > 1)
+    return (f"Tensor parallel: TP {'/'.join(map(str, degrees))} inside hosts ({groups} TP "
+            "groups; each layer, the embedding and the head split over a group; per layer "
+            "and microbatch 2 all-reduces of the activations forward and 2 backward over "
+            "the host's GPU link, 2 more with full recomputation).")
 
 
 def _optimizer_line(decision: Decision) -> str:

@@ -2,12 +2,18 @@
 
 Steps: find the fabrics; choose the regime (geo-distributed when there are three or more
 fabrics of at most two hosts each, data-centre islands otherwise); list candidate
-layouts; split the layers of each with the ILP; simulate it with each way to sync
-replicas; keep the fastest. Per-step all-reduce between replicas is kept where it costs
-at most ALLREDUCE_TOLERANCE more than streaming DiLoCo (DiLoCo changes the optimiser, so
-it must earn its place); the user can force either. `naive_estimate` is the
-Megatron-style baseline the benchmarks compare with (`naive_like_estimate` the same rank
-order with the plan's replicas and sync, to tell placement from sync gains).
+layouts, each data-centre one also at every tensor-parallel degree that keeps TP groups
+inside hosts (`holmes.tensor_parallel`); split the layers of each with the ILP; simulate
+it with each way to sync replicas; keep the fastest. Data-centre candidates are
+simulated in the order of a lower bound on their iteration (`estimate.lower_bound_s`:
+the slowest stage's work with pipeline fill and drain), and one whose bound exceeds
+ALLREDUCE_TOLERANCE x the fastest step found so far is skipped: it could not be chosen
+(not when skipping is asked for, which filters candidates by depth later). Per-step
+all-reduce between replicas is kept where it costs at most ALLREDUCE_TOLERANCE more than
+streaming DiLoCo (DiLoCo changes the optimiser, so it must earn its place); the user can
+force either. `naive_estimate` is the Megatron-style baseline the benchmarks compare with
+(`naive_like_estimate` the same rank order with the plan's replicas and sync, to tell
+placement from sync gains).
 
 Hosts that cannot or should not take part (unreachable, no devices, CPU-only in a GPU
 job) are left out first (`holmes.hosts`), and links are estimated on the NCCL network
@@ -17,18 +23,22 @@ offers).
 
 from __future__ import annotations
 
+import math
 import random
+import time
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from holmes import costs
+from holmes import costs, tensor_parallel
 from holmes.assumptions import CostAssumptions, default_costs
 from holmes.estimate import (
     Context,
     DilocoChoice,
     Estimate,
     estimate,
+    lower_bound_s,
     partition_for,
+    stage_costs_for,
 )
 from holmes.fabric import Fabric, find_fabrics
 from holmes.hosts import LeftOut, left_out_hosts, without_hosts
@@ -75,6 +85,7 @@ class PlanOptions:
     nccl_net: NcclNet = "auto"
     include_cpu_hosts: bool = False
     costs: CostAssumptions | None = None  # None: the model's `costs:`, else `default`
+    tensor_parallel: int | None = None  # None: the planner picks among TP_DEGREES
 
 
 @dataclass
@@ -97,6 +108,8 @@ class Decision:
     selection_detail: str = ""
     regime_note: str = ""  # why this regime, when auto weighed more than one
     notes: list[str] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)  # wall seconds per step
+    skipped: int = 0  # layouts not simulated: their lower bound could not win
 
     def by_depth(self) -> list[Estimate]:
         """The fastest candidate of each (regime, depth), in that order: what each depth
@@ -116,9 +129,12 @@ class _Search:
     candidates: list[Estimate] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
     errors: list[tuple[int, InputError]] = field(default_factory=list)
+    skipped: int = 0
+    clock: _Clock = field(default_factory=lambda: _Clock())
 
 
 def decide(topology: Topology, config: ModelConfig, options: PlanOptions) -> Decision:
+    search = _Search()
     left_out = left_out_hosts(topology, options.include_cpu_hosts)
     if len(left_out) == len(topology.hosts):
         reasons = "; ".join(f"{h.host}: {h.reason}" for h in left_out[:3])
@@ -130,7 +146,7 @@ def decide(topology: Topology, config: ModelConfig, options: PlanOptions) -> Dec
     assumptions = options.costs or config.costs or default_costs()
     context = Context(topology, fabrics, Network(topology, fabrics), config, options.diloco,
                       selection, options.optimizer_sharding, assumptions)
-    search = _Search()
+    search.clock.lap("fabrics")
     wanted = _regimes(fabrics, options.regime)
     for regime in wanted:
         _search(regime, context, options, search)
@@ -145,7 +161,8 @@ def decide(topology: Topology, config: ModelConfig, options: PlanOptions) -> Dec
                          "(sites) replicas, or leave --sync to the planner", field="--sync")
     decision = Decision(chosen, search.candidates, regime, fabrics, context, search.rejected,
                         left_out=left_out, source=source, selection_detail=detail,
-                        regime_note="; ".join(part for part in (why, note) if part))
+                        regime_note="; ".join(part for part in (why, note) if part),
+                        phases=search.clock.laps, skipped=search.skipped)
     return _with_skipping(decision, options.skip) if options.skip else decision
 
 
@@ -157,6 +174,11 @@ def _search(regime: str, ctx: Context, options: PlanOptions, found: _Search) -> 
         found.errors.append((-1, exc))
         return
     layouts = [lay for lay in layouts if lay.stages <= ctx.config.model.layers] or layouts
+    found.clock.lap("layouts")
+    if regime == "datacentre" and options.skip is None:
+        _datacentre_candidates(layouts, ctx, options, found)
+        found.clock.lap("ILP split and simulate")
+        return
     for layout in layouts:
         try:
             partition = partition_for(layout, ctx)
@@ -170,6 +192,7 @@ def _search(regime: str, ctx: Context, options: PlanOptions, found: _Search) -> 
             if regime == "geo":
                 found.candidates.append(refine_by_simulation(
                     estimated, ctx, refine_rounds(options.refine_rounds, ctx.config)))
+    found.clock.lap("ILP split and simulate")
 
 
 def _why_geo(found: _Search, options: PlanOptions) -> str:
@@ -233,6 +256,79 @@ def _choose(pool: list[Estimate], options: PlanOptions, weighed: bool) -> tuple[
     return chosen, f"auto weighed {figures} and took the faster"
 
 
+def _with_tp_candidates(layouts: list[Layout], wanted: int | None, ctx: Context
+                        ) -> list[Layout]:
+    """Each layout at every TP degree whose groups stay inside hosts (TP 1 included), or
+    only at `wanted` when one is forced. Only GPUs form TP groups (NVLink or PCIe between
+    them); layouts with CPU devices stay at TP 1."""
+    allowed = tensor_parallel.TP_DEGREES if wanted is None else (wanted,)
+    found = [lay for lay in layouts if 1 in allowed]
+    found += [tensor_parallel.with_tensor_parallel(lay, t) for lay in layouts
+              if not any(ctx.is_cpu(d) for d in lay.devices())
+              for t in tensor_parallel.degrees(lay, allowed)]
+    if not found:
+        raise InputError(f"tensor parallel {wanted} does not divide the devices every host "
+                         "gives a stage in any layout", field="--tensor-parallel")
+    return found
+
+
+class _Clock:
+    """Wall seconds per planning step, for `Decision.phases` (bench/planning_time.py)."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = self.laps.get(name, 0.0) + now - self._last
+        self._last = now
+
+
+def _datacentre_candidates(layouts: list[Layout], ctx: Context, options: PlanOptions,
+                           found: _Search) -> None:
+    """Simulate the layouts that could be chosen, in the order of their lower bound
+    (`lower_bound_s`): a layout whose bound exceeds ALLREDUCE_TOLERANCE x the fastest step
+    so far is skipped, as it could neither be the fastest nor the all-reduce kept within
+    the tolerance. Where every stage's devices are alike, the bound is taken on the greedy
+    split, whose slowest stage is the ILP's (both are optimal); otherwise on the ILP's own.
+    Adds the candidates to `found` and counts the layouts skipped."""
+    bounded = []
+    for layout in layouts:
+        uniform = _uniform_stages(layout, ctx)
+        try:
+            split = partition_for(layout, ctx, method="greedy" if uniform else "auto")
+        except InputError as exc:
+            found.rejected.append(f"{layout.description}: {exc.message}")
+            found.errors.append((layout.stages, exc))
+            continue
+        stage_costs = stage_costs_for(layout, ctx) if uniform else None
+        bounded.append((lower_bound_s(layout, split, ctx, stage_costs), len(bounded), layout,
+                        None if uniform else split))
+    found.clock.lap("split and bound")
+    best = math.inf
+    for bound, _, layout, split in sorted(bounded, key=lambda b: b[:2]):
+        if bound > ALLREDUCE_TOLERANCE * best * (1 + 1e-9):
+            found.skipped += 1
+            continue
+        partition = split or partition_for(layout, ctx)
+        for sync in _syncs(layout, options.sync):
+            found.candidates.append(estimate(layout, partition, ctx, sync))
+            best = min(best, found.candidates[-1].step_s)
+
+
+def _uniform_stages(layout: Layout, ctx: Context) -> bool:
+    """Whether the devices of each stage (all replicas) have one speed and one GPU link."""
+    for s in range(layout.stages):
+        devices = [m for replica in layout.replicas for d in replica[s]
+                   for m in layout.members(d)]
+        kinds = {(ctx.tflops(d), ctx.network.intra_host(d.split(":", 1)[0])[0])
+                 for d in devices}
+        if len(kinds) > 1:
+            return False
+    return True
+
+
 def _selection(topology: Topology, fabrics: list[Fabric], wanted: NcclNet
                ) -> tuple[Selection, str]:
     """The NCCL network selection. Only GPUs use NCCL; and where every group must run on
@@ -292,7 +388,7 @@ def _layouts(regime: str, ctx: Context, options: PlanOptions) -> list[Layout]:
     if not layouts:
         raise InputError(f"no data-centre layout with {options.stages} stages (pass --regime "
                          "geo for one pipeline over every device)", field="--stages")
-    return layouts
+    return _with_tp_candidates(layouts, options.tensor_parallel, ctx)
 
 
 def geo_depths(ctx: Context, options: PlanOptions) -> list[int]:

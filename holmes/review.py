@@ -113,11 +113,14 @@ def plan_diloco(plan: Plan) -> DilocoChoice:
 
 
 def layout_of(plan: Plan) -> Layout:
-    replicas = tuple(tuple(tuple(plan.stage(s).devices) for s in replica.stages)
+    replicas = tuple(tuple(tuple(plan.stage(s).leaders()) for s in replica.stages)
                      for replica in plan.replicas)
     first = plan.stage(plan.replicas[0].stages[0])
     loss_at = "origin" if "head" in first.holds and len(replicas[0]) > 1 else "last"
-    return Layout("plan", replicas, "as written in the plan", loss_at=loss_at)
+    groups = tuple(tuple(g) for stage in plan.stages if stage.tensor_parallel > 1
+                   for g in stage.tp_groups())
+    return Layout("plan", replicas, "as written in the plan", loss_at=loss_at,
+                  tp_groups=groups)
 
 
 def partition_of(plan: Plan) -> Partition:

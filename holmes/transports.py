@@ -207,23 +207,44 @@ def layout_groups(layout: Layout, sync: str, fabrics: Sequence[Fabric],
     hops that stay inside that fabric (they run RDMA, the others sockets). One `data` group per
     stage with several devices; with several replicas, one `replica` (per-step
     all-reduce) or `diloco` group per stage lane.
+
+    With tensor parallelism (TP degree t > 1 in a stage): one `tp` group per TP group
+    (`tp-r<r>-s<s>-g<j>`, inside one host), and the data and lane groups are per TP rank
+    i (`data-r<r>-s<s>-t<i>`, `<kind>-s<s>-l<j>-t<i>`): rank i of each group syncs the
+    1/t of the weights it holds with rank i of the others (Megatron's groups).
     """
     groups: dict[str, tuple[str, list[str]]] = {}
     for r, replica in enumerate(layout.replicas):
-        devices = [d for stage in replica for d in stage]
+        devices = [m for stage in replica for d in stage for m in layout.members(d)]
         groups[f"pipeline-r{r}"] = ("pipeline", devices)
         if fabric_pipelines:
             groups.update(_fabric_pipelines(r, devices, fabrics))
         for s, stage in enumerate(replica):
-            if len(stage) > 1:
-                groups[f"data-r{r}-s{s}"] = ("data", list(stage))
+            groups.update(_stage_groups(layout, r, s, stage))
     if len(layout.replicas) > 1:
         kind = "diloco" if sync == "diloco" else "replica"
         for s in range(layout.stages):
             lanes = min(len(replica[s]) for replica in layout.replicas)
+            t = layout.tp(s)
             for j in range(lanes):
-                groups[f"{kind}-s{s}-l{j}"] = (kind, [replica[s][j] for replica in
-                                                      layout.replicas])
+                for i in range(t):
+                    name = f"{kind}-s{s}-l{j}" + (f"-t{i}" if t > 1 else "")
+                    groups[name] = (kind, [layout.members(replica[s][j])[i]
+                                           for replica in layout.replicas])
+    return groups
+
+
+def _stage_groups(layout: Layout, r: int, s: int, stage: tuple[str, ...]
+                  ) -> dict[str, tuple[str, list[str]]]:
+    """A stage's TP groups and its data groups (one per TP rank)."""
+    t = layout.tp(s)
+    if t == 1:
+        return {f"data-r{r}-s{s}": ("data", list(stage))} if len(stage) > 1 else {}
+    groups = {f"tp-r{r}-s{s}-g{j}": ("tp", list(layout.members(d)))
+              for j, d in enumerate(stage)}
+    if len(stage) > 1:
+        groups |= {f"data-r{r}-s{s}-t{i}": ("data", [layout.members(d)[i] for d in stage])
+                   for i in range(t)}
     return groups
 
 

@@ -437,8 +437,8 @@ def topology_cases(command: str) -> list[Case]:
     cases += [
         Case(command, "size", "1000-devices-on-a-host", "topology.yaml",
              edited("topology.yaml", _devices(1000)), expect="hosts[0].devices: List should"),
-        Case(command, "size", "2000-hosts", "topology.yaml", dump(_many_hosts(2000)),
-             expect="hosts: List should have at most 1024 items"),
+        Case(command, "size", "4097-hosts", "topology.yaml", dump(_many_hosts(4097)),
+             expect="hosts: List should have at most 4096 items"),
         Case(command, "size", "3000-nics", "topology.yaml",
              edited("topology.yaml", _nics(3000)), expect="hosts[0].nics: List should"),
     ]

@@ -8,6 +8,9 @@ Owns reading the host's facts into a `topology.schema.Host`:
 - Hostname, primary address, CPU cores and memory (socket, os, psutil).
 - Compute devices: GPUs through torch.cuda (NVML when torch sees none), else the CPU;
   optionally their effective TFLOPS from a short matrix-product timing.
+- The bandwidth between a host's GPUs (`intra_host`): NVLink or PCIe as `nvidia-smi
+  topo -m` reports it, at the vendor's figure for the GPU generation (`reported`), or
+  from the GPU model alone when nvidia-smi is absent (`assumed`); `topology.intra_host`.
 
 The sysfs root is a parameter so tests run on fixture trees. Facts that only the running
 system can give (psutil link speeds, interface addresses) are used only when
@@ -19,7 +22,9 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import shutil
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -30,7 +35,8 @@ import psutil
 from pydantic import ValidationError
 
 from topology.errors import InputError
-from topology.schema import Device, Gbps, Host, Mtu, Nic, NicKind
+from topology.intra_host import figure_for_models, parse_nvidia_smi_topo
+from topology.schema import Device, Gbps, Host, IntraHost, Mtu, Nic, NicKind
 from topology.validation import describe_validation_error, limit_of
 
 State = Literal["up", "down", "unknown"]
@@ -557,6 +563,37 @@ def _nvml_device(pynvml: Any, index: int) -> Device:
     return Device(name=f"gpu{index}", kind="gpu", model=model, memory_gb=round(total / 1e9, 2))
 
 
+def nvidia_smi_topo() -> str | None:
+    """The output of `nvidia-smi topo -m`, or None where it is absent or fails."""
+    binary = shutil.which("nvidia-smi")
+    if binary is None:
+        return None
+    try:
+        done = subprocess.run([binary, "topo", "-m"], capture_output=True, text=True,
+                              timeout=20, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def discover_intra_host(devices: list[Device],
+                        topo: Callable[[], str | None] = nvidia_smi_topo) -> IntraHost | None:
+    """The bandwidth between this host's GPUs (None with fewer than two GPUs): NVLink or
+    not as `nvidia-smi topo -m` says (`reported`), else from the model names (`assumed`)."""
+    gpus = [d for d in devices if d.kind == "gpu"]
+    if len(gpus) < 2:
+        return None
+    text = topo()
+    nvlink = parse_nvidia_smi_topo(text) if text else None
+    figure = figure_for_models([d.model for d in gpus], nvlink)
+    if nvlink is None:
+        return IntraHost(bandwidth_gbps=figure.bandwidth_gbps, source="assumed",
+                         detail=figure.detail)
+    seen = "NVLink between every GPU" if nvlink else "no NVLink between the GPUs"
+    return IntraHost(bandwidth_gbps=figure.bandwidth_gbps, source="reported",
+                     detail=f"nvidia-smi topo -m: {seen}; {figure.detail}")
+
+
 # ---------------------------------------------------------------------------
 # the whole host
 
@@ -579,6 +616,7 @@ def discover_host(
     facts = LiveNetFacts.read() if live else LiveNetFacts()
     nics = nics_from_sysfs(sysfs_root, facts)
     ram_gb = round(psutil.virtual_memory().total / 1e9, 2)
+    devices = discover_devices(ram_gb, measure_flops=measure_flops)
     try:
         return Host(
             name=name if name is not None else _hostname(),
@@ -587,8 +625,9 @@ def discover_host(
             machine=machine_id() if live else None,
             cpu_cores=cpu_cores(),
             memory_gb=ram_gb,
-            devices=discover_devices(ram_gb, measure_flops=measure_flops),
+            devices=devices,
             nics=nics,
+            intra_host=discover_intra_host(devices),
         )
     except ValidationError as exc:
         field_path, message = describe_validation_error(exc)

@@ -17,10 +17,13 @@ from pydantic import Field, model_validator
 from topology.addresses import Endpoint, split_endpoint
 from topology.files import load_yaml_mapping
 from topology.protocol import DEFAULT_PORT, zmq_url
-from topology.schema import MAX_HOSTS, MAX_SITES, Name, Site
+from topology.schema import Name, Site
 from topology.validation import Strict, Version, validate_as
 
 HOSTS_VERSION = 1
+# The probe measures every pair of hosts: it stays at 1024 hosts (a topology may hold
+# more, from several probes or by hand).
+MAX_PROBE_HOSTS = 1024
 
 
 class HostEntry(Strict):
@@ -39,8 +42,8 @@ class HostEntry(Strict):
 
 class HostsFile(Strict):
     version: Version
-    sites: list[Site] = Field(default_factory=list, max_length=MAX_SITES)
-    hosts: list[HostEntry] = Field(min_length=1, max_length=MAX_HOSTS)
+    sites: list[Site] = Field(default_factory=list, max_length=MAX_PROBE_HOSTS)
+    hosts: list[HostEntry] = Field(min_length=1, max_length=MAX_PROBE_HOSTS)
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:

@@ -30,9 +30,11 @@ from topology.validation import Strict, Version, bounded_float, bounded_int, val
 TOPOLOGY_VERSION = 1
 
 # Sizes: the planner's time grows with them; beyond these a file is refused, not planned.
-MAX_HOSTS = 1024
+# 16,384 GPUs (2,048 hosts x 8) plan in about a minute (bench/planning_time.py); the limits
+# leave room for twice that.
+MAX_HOSTS = 4096
 MAX_DEVICES_PER_HOST = 64
-MAX_DEVICES = 8192
+MAX_DEVICES = 32768
 MAX_NICS_PER_HOST = 1024
 MAX_SITES = MAX_HOSTS
 MAX_LINKS = MAX_HOSTS * (MAX_HOSTS - 1) // 2
@@ -85,6 +87,18 @@ class Site(Strict):
     description: Text | None = None
 
 
+class IntraHost(Strict):
+    """Bandwidth between the GPUs of this host (NVLink or PCIe): per GPU, both directions
+    together, as vendors publish it (`topology.intra_host`). `source`: `measured` (a
+    benchmark figure), `reported` (the link kind nvidia-smi reports, at the vendor's rate)
+    or `assumed` (from the GPU model name alone). A host without it is given the
+    figure of its GPU model when planning (assumed)."""
+
+    bandwidth_gbps: Gbps
+    source: Literal["measured", "reported", "assumed"]
+    detail: Text | None = None
+
+
 class Host(Strict):
     """A machine. A host the probe could not reach keeps its name with the reason.
 
@@ -102,6 +116,7 @@ class Host(Strict):
     memory_gb: MemoryGB | None = None
     devices: list[Device] = Field(default_factory=list, max_length=MAX_DEVICES_PER_HOST)
     nics: list[Nic] = Field(default_factory=list, max_length=MAX_NICS_PER_HOST)
+    intra_host: IntraHost | None = None
 
     @model_validator(mode="after")
     def _unique_parts(self) -> Self:
@@ -162,6 +177,7 @@ class Topology(Strict):
     links: list[Link] = Field(default_factory=list, max_length=MAX_LINKS)
     calibration: Calibration | None = None  # topology.calibration: fitted from a run
     _by_name: dict[str, Host] = PrivateAttr(default_factory=dict)
+    _by_pair: dict[frozenset[str], Link] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -180,6 +196,7 @@ class Topology(Strict):
                 raise ValueError(f"hosts[{i}].site: unknown site '{host.site}'")
         self._check_links()
         self._by_name = {host.name: host for host in self.hosts}
+        self._by_pair = {link.key(): link for link in self.links}
         return self
 
     def _check_links(self) -> None:
@@ -199,8 +216,7 @@ class Topology(Strict):
         return self._by_name[name]
 
     def link(self, a: str, b: str) -> Link | None:
-        wanted = frozenset((a, b))
-        return next((link for link in self.links if link.key() == wanted), None)
+        return self._by_pair.get(frozenset((a, b)))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_plain(), sort_keys=False, default_flow_style=None, width=100)

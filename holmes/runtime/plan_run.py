@@ -49,7 +49,7 @@ from typing import NoReturn
 import torch
 import torch.distributed as dist
 
-from holmes.plan import Group, Plan, load_plan
+from holmes.plan import Group, Plan, load_plan, tensor_parallel_refusal
 from holmes.transports import missing_here, nccl_options, world_config
 from skippipe.runtime import PipelineSchedule
 from skippipe.simulate import Route
@@ -85,6 +85,8 @@ class PlanRun:
         """Join the job described by the plan (see the module docstring)."""
         path = Path(plan_path or _require_env("HETSCHED_PLAN"))
         plan = load_plan(path)
+        if (refusal := tensor_parallel_refusal(plan)) is not None:
+            raise RuntimeError(refusal)
         host = _require_env("HETSCHED_HOST")
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         device = _device_of(plan, host, local_rank)
