@@ -184,7 +184,7 @@ def _diloco(decision: Decision) -> DilocoSettings:
     d = decision.context.diloco
     return DilocoSettings(sync_every=d.sync_every, fragments=d.fragments, pattern=d.pattern,
                           overlap_steps=d.overlap_steps, alpha=d.alpha,
-                          quantization=d.quantization)
+                          quantization=d.quantization, exchange=d.exchange)
 
 
 def summary(decision: Decision, plan: Plan, topology_name: str) -> list[str]:
