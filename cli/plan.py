@@ -18,7 +18,13 @@ from holmes.hosts import CPU_HOST_FLAG
 from holmes.model import list_presets, load_model
 from holmes.plan import Plan, load_plan, save_plan
 from holmes.plan_build import build_plan, idle_lines, left_out_lines, summary
-from holmes.planner import PlanOptions, decide, naive_estimate, naive_like_estimate
+from holmes.planner import (
+    ESTIMATE_NOISE,
+    PlanOptions,
+    decide,
+    naive_estimate,
+    naive_like_estimate,
+)
 from holmes.review import (
     check_plan_source,
     estimate_plan,
@@ -73,6 +79,9 @@ NAIVE_LIKE = "naive, the plan's replicas and sync"
               help="How NCCL groups get their network: per communicator (ncclConfig_t "
               "net_name; needs a torch with ProcessGroupNCCL.Options().config.net_name) or "
               "per process (NCCL_NET). auto: what this machine's torch offers.")
+@click.option("--noise", type=click.FloatRange(0.0, 1.0), default=ESTIMATE_NOISE,
+              show_default=True, help="Estimates within this fraction of the fastest are "
+              "ties (the probe's timing noise), broken by the fewest bytes across sites.")
 @click.option(CPU_HOST_FLAG, "include_cpu_hosts", is_flag=True,
               help="Use hosts without a GPU in a GPU job (the whole job then runs on gloo).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON on stdout.")
@@ -80,7 +89,7 @@ NAIVE_LIKE = "naive, the plan's replicas and sync"
 def plan(topology_file: Path, model_name: str, output: Path, sync: str, regime: str,
          stages: int | None, sync_every: int, fragments: int, quantization: str,
          skip_ratio: float | None, max_swaps: int, optimizer_sharding: str, nccl_net: str,
-         include_cpu_hosts: bool,
+         noise: float, include_cpu_hosts: bool,
          as_json: bool) -> None:
     """Plan MODEL on TOPOLOGY_FILE: stages, layers, groups, NICs, sync; write plan.yaml."""
     check_output(output, topology_file, Path(model_name), field="-o")
@@ -98,7 +107,7 @@ def plan(topology_file: Path, model_name: str, output: Path, sync: str, regime: 
                                                                 sync_every - 1),
                                               quantization=quantization),
                           optimizer_sharding=optimizer_sharding, nccl_net=nccl_net,
-                          include_cpu_hosts=include_cpu_hosts)
+                          include_cpu_hosts=include_cpu_hosts, noise=noise)
     topology = load_topology(topology_file)
     decision = decide(topology, load_model(model_name), options)
     relative = _relative_to(topology_file, output)

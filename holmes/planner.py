@@ -9,6 +9,14 @@ it must earn its place); the user can force either. `naive_estimate` is the
 Megatron-style baseline the benchmarks compare with (`naive_like_estimate` the same rank
 order with the plan's replicas and sync, to tell placement from sync gains).
 
+Estimates rest on a probe's timings, which are noisy (the compute timing of hosts that
+share cores varies by several percent from one probe to the next), so a choice between
+candidates closer than that noise is a coin toss. `noise` (relative, default
+ESTIMATE_NOISE) turns it into a rule: among the candidates whose step time is within
+(1 + noise) of the one the speed rules pick, the planner takes the one that moves the
+fewest bytes across sites per step, then the fewest bytes in all, then the fastest
+(`tie_break`); the plan's header says so.
+
 Hosts that cannot or should not take part (unreachable, no devices, CPU-only in a GPU
 job) are left out first (`holmes.hosts`), and links are estimated on the NCCL network
 selection the plan will run with (`holmes.transports`: auto = what the installed torch
@@ -47,6 +55,10 @@ from topology.errors import InputError
 from topology.schema import Topology
 
 ALLREDUCE_TOLERANCE = 1.10
+# Relative spread of a probe's compute timing on a loaded machine (bench/e2e_lab.py
+# --repeat reports it; docs/planner.md has the figures): estimates closer than this are
+# ties, broken by traffic.
+ESTIMATE_NOISE = 0.10
 REFINE_BUDGET = 96_000
 MIN_REFINE_ROUNDS = 10
 Regime = Literal["auto", "datacentre", "geo"]
@@ -67,6 +79,7 @@ class PlanOptions:
     optimizer_sharding: OptimizerSharding = "zero1"  # ZeRO-1 over each stage's data group
     nccl_net: NcclNet = "auto"
     include_cpu_hosts: bool = False
+    noise: float = ESTIMATE_NOISE  # estimates within (1 + noise) of each other are ties
 
 
 @dataclass
@@ -87,6 +100,8 @@ class Decision:
     left_out: list[LeftOut] = field(default_factory=list)
     source: Topology | None = None
     selection_detail: str = ""
+    noise: float = 0.0  # the tie band the choice was made with
+    ties: list[Estimate] = field(default_factory=list)  # candidates within it, chosen first
 
 
 def decide(topology: Topology, config: ModelConfig, options: PlanOptions) -> Decision:
@@ -120,13 +135,15 @@ def decide(topology: Topology, config: ModelConfig, options: PlanOptions) -> Dec
     if not candidates:
         # The deepest pipeline spreads the model thinnest: its shortfall is the one to show.
         raise max(errors, key=lambda e: e[0])[1] if errors else InputError("no layout fits")
-    chosen = _best(candidates, options.sync)
+    fastest = _best(candidates, options.sync)
+    chosen, ties = tie_break(candidates, fastest, options.sync, options.noise)
     if options.sync == "diloco" and chosen.sync != "diloco":
         raise InputError(f"DiLoCo needs two or more replicas, but every layout of the {regime} "
                          "regime is one pipeline; pass --regime datacentre to make fabrics "
                          "(sites) replicas, or leave --sync to the planner", field="--sync")
     decision = Decision(chosen, candidates, regime, fabrics, context, rejected,
-                        left_out=left_out, source=source, selection_detail=detail)
+                        left_out=left_out, source=source, selection_detail=detail,
+                        noise=options.noise, ties=ties)
     return _with_skipping(decision, options.skip) if options.skip else decision
 
 
@@ -251,6 +268,39 @@ def _best(candidates: list[Estimate], wanted: Sync) -> Estimate:
         return fastest
     best_plain = min(plain, key=lambda e: e.step_s)
     return best_plain if best_plain.step_s <= ALLREDUCE_TOLERANCE * fastest.step_s else fastest
+
+
+def tie_break(candidates: list[Estimate], fastest: Estimate, wanted: Sync,
+              noise: float) -> tuple[Estimate, list[Estimate]]:
+    """The candidate to plan among those within `noise` of `fastest` (the speed rules'
+    pick), and all of those, the chosen first. Ties are candidates of `fastest`'s kind (a
+    forced or preferred all-reduce stays all-reduce, forced DiLoCo stays DiLoCo) whose
+    step time is at most (1 + noise) x `fastest`'s; the one with the fewest bytes across
+    sites per step wins, then the fewest bytes in all, then the fastest. Ties are between
+    shapes (replicas x stages x lanes, sync): of candidates of one shape (say a DT-FM
+    placement and its refinement) only the fastest is one."""
+    if wanted == "diloco":
+        pool = [e for e in candidates if e.sync == fastest.sync]
+    elif fastest.sync == "diloco":
+        pool = candidates
+    else:
+        pool = [e for e in candidates if e.sync != "diloco"]
+    best_of_shape: dict[tuple[int, int, int, str], Estimate] = {_shape(fastest): fastest}
+    for e in pool:
+        if e.step_s < best_of_shape.setdefault(_shape(e), e).step_s:
+            best_of_shape[_shape(e)] = e
+    ties = [e for e in best_of_shape.values() if e.step_s <= fastest.step_s * (1 + noise)]
+    ties.sort(key=_traffic_rank)
+    return ties[0], ties
+
+
+def _shape(e: Estimate) -> tuple[int, int, int, str]:
+    lanes = max(len(stage) for stage in e.layout.replicas[0])
+    return len(e.layout.replicas), e.layout.stages, lanes, e.sync
+
+
+def _traffic_rank(e: Estimate) -> tuple[float, float, float]:
+    return (e.bytes_per_step.get("inter_site", 0.0), sum(e.bytes_per_step.values()), e.step_s)
 
 
 def naive_estimate(topology: Topology, config: ModelConfig, like: Estimate) -> Estimate:
