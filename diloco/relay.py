@@ -11,9 +11,12 @@ inside the replica, on its fast links) and how they share one exchange:
   lane got before (the same collective on the same payload), quantized or not.
 - `sharded`: lane j averages the j-th of k equal slices over its cross-replica group
   (lane j of every replica holds slice j), then the lanes all-gather the averaged slices.
-  With quantization the slices' blocks differ from the whole vector's, so the result is
-  as close as one quantized exchange is to another, not bit for bit; each lane's share of
-  the error feedback is all-gathered too, so every lane holds the whole residual.
+  Each slice is a whole number of the codec's blocks, so the quantized blocks are the
+  whole vector's and the result is again the per-lane one bit for bit (fp32 sums of
+  more than two replicas may differ in the last bit, as the backend's all-reduce
+  orders them by chunk); each lane's share of the error feedback is all-gathered too,
+  so every lane holds the whole residual. It is the faster of the two wherever the
+  lanes' hosts reach the other replicas on paths of their own: each carries 1/k.
 
 Either way the cross-replica links carry each pseudo-gradient once per replica. The
 calls inside the replica are recorded in their own `SyncRecord` (kind `site`), so a
@@ -91,8 +94,8 @@ def _lead(values: torch.Tensor, codec: Codec, comm: CountingComm, relay: SiteRel
 def _sharded(values: torch.Tensor, codec: Codec, comm: CountingComm, relay: SiteRelay,
              site: CountingComm, record: SyncRecord, site_record: SyncRecord,
              residual: torch.Tensor | None) -> torch.Tensor:
-    k, n = len(relay.lanes), values.numel()
-    size = -(-n // k)
+    k, n, block = len(relay.lanes), values.numel(), max(1, getattr(codec, "block", 1))
+    size = -(-n // (k * block)) * block  # whole blocks per slice: the whole vector's blocks
     padded = torch.zeros(size * k, dtype=torch.float32, device=values.device)
     padded[:n] = values
     lane = relay.lane

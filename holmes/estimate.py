@@ -66,7 +66,7 @@ class DilocoChoice:
     overlap_steps: int = 2
     alpha: float = 0.5
     quantization: str = "fp4"
-    exchange: str = "lead"
+    exchange: str = "sharded"
 
 
 @dataclass

@@ -14,8 +14,8 @@ optimizer step per `step(batches)`:
    to `diloco.DiLoCo` over the `diloco` group after the inner optimizer step, weighted
    the same way. A stage of k lanes holds k identical copies of its parameters, so the
    lanes share one exchange across the WAN (`PlanRun.relay`, by the plan's
-   `diloco.exchange`: lane 0 exchanges and broadcasts in the stage, or each lane
-   exchanges 1/k and they all-gather), not one each; devices beyond the narrowest
+   `diloco.exchange`: each lane exchanges 1/k and they all-gather, or lane 0 exchanges
+   and broadcasts in the stage), not one each; devices beyond the narrowest
    replica's lanes copy the merged parameters from lane 0 of their stage;
 3. the optimizer step, by the plan's `optimizer.sharding`: `none` steps the factory's
    optimizer over all of the rank's parameters; `zero1` (`holmes.runtime.zero`) steps
@@ -159,16 +159,30 @@ class Trainer:
 
     @torch.no_grad()
     def gather_model(self, model: nn.Module) -> bool:
-        """Copy replica 0's parameters into `model` on rank 0; True there, False elsewhere."""
-        mine = {name: p.detach().cpu() for name, p in self.pipeline.named_parameters()}
-        if self.run.placement.replica != 0 or self.run.placement.lane != 0:
-            mine = {}
-        gathered: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 \
-            else None
-        dist.gather_object(mine, gathered, dst=0)
-        if gathered is None:
+        """Copy replica 0's parameters into `model` on rank 0; True there, False elsewhere.
+
+        Lane 0 of each of replica 0's stages sends its parameters to rank 0 point to
+        point; no other rank sends anything (`gather_object` would have every rank send
+        a buffer as large as the largest: across the WAN from every other replica)."""
+        run = self.run
+        first = run.plan.replicas[0]
+        sources = sorted({run.torch_rank_of[run.plan.stage(s).devices[0]]
+                          for s in first.stages})
+        rank = dist.get_rank()
+        if rank in sources and rank != 0:
+            mine = {name: p.detach().cpu() for name, p in self.pipeline.named_parameters()}
+            dist.send_object_list([mine], dst=0)
+        if rank != 0:
             return False
-        merged = {name: t for part in gathered for name, t in part.items()}
+        merged: dict[str, Tensor] = {}
+        for source in sources:
+            if source == 0:
+                part = {name: p.detach().cpu() for name, p in self.pipeline.named_parameters()}
+            else:
+                box: list[Any] = [None]
+                dist.recv_object_list(box, src=source)
+                part = box[0]
+            merged.update(part)
         for name, param in model.named_parameters():
             if name in merged:
                 param.copy_(merged[name])
@@ -433,7 +447,7 @@ def _make_diloco(run: PlanRun, params: list[nn.Parameter], share: float) -> DiLo
         outer_momentum=settings.outer_momentum)
     equal = len(set(replica_microbatches(run))) == 1
     relay = None if run.relay is None else SiteRelay(
-        run.relay.group, run.relay.ranks, "sharded" if settings.exchange == "sharded" else "lead")
+        run.relay.group, run.relay.ranks, "lead" if settings.exchange == "lead" else "sharded")
     return DiLoCo(holder, None, group, config, layers=list(holder.layers),
                   weight=None if equal else share, relay=relay)
 
