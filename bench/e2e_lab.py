@@ -19,8 +19,10 @@ Beside each result it prints the plan it ran (layout, replicas x stages x lanes,
 with its estimate, and every candidate the planner weighed with its estimate (the same
 `decide` call `hetsched plan` makes). `--repeat N` runs the whole comparison N times,
 each on a fresh lab with a fresh probe, reports each, and then the spread of the probe's
-compute timing (each host's matmul TFLOPS) over the repeats: the noise the planner's
-tie-break (`hetsched plan --noise`) must absorb.
+compute timing (each host's matmul TFLOPS) over the repeats. The four lab hosts share
+one machine's cores, so the spread of their TFLOPS within one probe is the probe's
+noise; the plan is made with it as `hetsched plan --noise` (never below the default),
+so candidates closer than that are broken by traffic.
 
 tokens/s is the samples' tokens over each run's training-loop seconds (start-up left
 out). The bytes that crossed the WAN are read from the kernel: the `wan0` transmit
@@ -47,7 +49,7 @@ from cli.plan import DEFAULT_OVERLAP_STEPS  # noqa: E402
 from holmes.estimate import DilocoChoice  # noqa: E402
 from holmes.model import load_model  # noqa: E402
 from holmes.plan_build import candidate_words  # noqa: E402
-from holmes.planner import Decision, PlanOptions, decide  # noqa: E402
+from holmes.planner import ESTIMATE_NOISE, Decision, PlanOptions, decide  # noqa: E402
 from topology.lab import find_lab, lab_down, lab_up, wan_bytes_sent  # noqa: E402
 from topology.lab_probe import probe_lab  # noqa: E402
 from topology.lab_spec import load_lab_spec  # noqa: E402
@@ -99,17 +101,30 @@ class Repeat:
     results: list[RunResult]
 
 
+def lab_noise(tflops: dict[str, float]) -> float:
+    """The lab's hosts share one machine's cores, so any difference between their probed
+    TFLOPS is the probe's noise: (max - min) / mean, at least the planner's default."""
+    values = list(tflops.values())
+    mean = statistics.fmean(values) if values else 0.0
+    spread = (max(values) - min(values)) / mean if mean else 0.0
+    return round(min(0.9, max(ESTIMATE_NOISE, spread)), 3)
+
+
 def plan_lab(work: Path) -> tuple[Path, dict[str, float], Decision]:
-    """Probe the lab, write plan.yaml with `hetsched plan`, and make the same decision
-    in-process to see every candidate's estimate."""
+    """Probe the lab, write plan.yaml with `hetsched plan --noise` (the probe's own spread
+    over the identical lab hosts), and make the same decision in-process to see every
+    candidate's estimate."""
     topology, plan = work / "topology.yaml", work / "plan.yaml"
     if probe_lab(find_lab(LAB), topology, ProbeOptions(), flops=True) != 0:
         raise SystemExit("the probe could not measure every pair")
-    hetsched("plan", str(topology), "-m", MODEL, "--sync-every", SYNC_EVERY, "-o", str(plan))
     loaded = load_topology(topology)
     tflops = {h.name: d.tflops or 0.0 for h in loaded.hosts for d in h.devices}
+    noise = lab_noise(tflops)
+    print(f"probe: matmul TFLOPS {tflops}; spread over the identical hosts -> --noise {noise}")
+    hetsched("plan", str(topology), "-m", MODEL, "--sync-every", SYNC_EVERY,
+             "--noise", str(noise), "-o", str(plan))
     every = int(SYNC_EVERY)
-    decision = decide(loaded, load_model(MODEL), PlanOptions(diloco=DilocoChoice(
+    decision = decide(loaded, load_model(MODEL), PlanOptions(noise=noise, diloco=DilocoChoice(
         sync_every=every, overlap_steps=min(DEFAULT_OVERLAP_STEPS, every - 1))))
     return plan, tflops, decision
 

@@ -10,7 +10,14 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.e2e_lab import Repeat, RunResult, print_plan, probe_spread, report  # noqa: E402
+from bench.e2e_lab import (  # noqa: E402
+    Repeat,
+    RunResult,
+    lab_noise,
+    print_plan,
+    probe_spread,
+    report,
+)
 from cli.demo import loopback_topology  # noqa: E402
 from holmes.model import load_model  # noqa: E402
 from holmes.planner import PlanOptions, decide  # noqa: E402
@@ -43,3 +50,10 @@ def test_each_repeat_reports_its_plan_and_the_probe_spread(decision, capsys) -> 
     out = capsys.readouterr().out
     assert "plan: one replica per site" in out and "PASS  tokens/s 8.00x DDP" in out
     assert "a1: 0.05, 0.06  spread 18.2%" in out and "b1: 0.04, 0.04  spread 0.0%" in out
+
+
+def test_the_lab_noise_is_the_spread_of_its_identical_hosts() -> None:
+    # the figures of a probe at load average 10-16: 48% apart on one machine's cores
+    probed = {"a1": 0.004996, "a2": 0.004316, "b1": 0.003086, "b2": 0.003413}
+    assert lab_noise(probed) == pytest.approx(0.483, abs=1e-3)
+    assert lab_noise({"a1": 0.05, "b1": 0.0501}) == 0.10  # never below the default
