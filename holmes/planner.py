@@ -274,7 +274,8 @@ def tie_break(candidates: list[Estimate], fastest: Estimate, wanted: Sync,
               noise: float) -> tuple[Estimate, list[Estimate]]:
     """The candidate to plan among those within `noise` of `fastest` (the speed rules'
     pick), and all of those, the chosen first. Ties are candidates of `fastest`'s kind (a
-    forced or preferred all-reduce stays all-reduce, forced DiLoCo stays DiLoCo) whose
+    forced or preferred all-reduce stays all-reduce, forced DiLoCo stays DiLoCo) that use
+    as many devices as it (leaving devices idle is not a way to save traffic) and whose
     step time is at most (1 + noise) x `fastest`'s; the one with the fewest bytes across
     sites per step wins, then the fewest bytes in all, then the fastest. Ties are between
     shapes (replicas x stages x lanes, sync): of candidates of one shape (say a DT-FM
@@ -285,6 +286,8 @@ def tie_break(candidates: list[Estimate], fastest: Estimate, wanted: Sync,
         pool = candidates
     else:
         pool = [e for e in candidates if e.sync != "diloco"]
+    used = len(fastest.layout.devices())
+    pool = [e for e in pool if len(e.layout.devices()) >= used]
     best_of_shape: dict[tuple[int, int, int, str], Estimate] = {_shape(fastest): fastest}
     for e in pool:
         if e.step_s < best_of_shape.setdefault(_shape(e), e).step_s:

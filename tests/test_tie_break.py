@@ -2,9 +2,10 @@
 
 Claims: within `noise` of the speed rules' pick, the candidate with the fewest bytes
 across sites per step wins, then the one with the fewest bytes in all; outside it, the
-faster one; a forced or preferred all-reduce is never traded for DiLoCo; on the lab's
-2 x 2 topology the choice no longer flips with compute timings a few percent apart (it
-does with noise 0); and the plan's header states the rule and what it decided.
+faster one; a forced or preferred all-reduce is never traded for DiLoCo, nor devices for
+less traffic; on the lab's 2 x 2 topology the choice no longer flips with compute
+timings a few percent apart (it does with noise 0); and the plan's header states the
+rule and what it decided.
 """
 
 from __future__ import annotations
@@ -94,3 +95,12 @@ def test_the_plan_header_states_the_rule_and_what_it_decided() -> None:
     quiet = lab_decision(0.05, noise=0.0)
     assert not any(line.startswith("Ties:") for line in summary(
         quiet, build_plan(quiet, topology_file="t.yaml"), "lab-2x2"))
+
+
+def test_leaving_devices_idle_is_not_a_way_to_save_traffic() -> None:
+    # a band as wide as a loaded lab's probe (72%) takes in the one-site candidate (2 of
+    # 4 devices, nothing across sites): it is not a tie, the 4-device plans are
+    decision = lab_decision(0.05, noise=0.72)
+    assert len(decision.chosen.layout.devices()) == 4
+    assert all(len(e.layout.devices()) == 4 for e in decision.ties)
+    assert candidate_words(decision.chosen).endswith("2 stage(s) x 1 lane(s), diloco")
