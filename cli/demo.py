@@ -8,17 +8,23 @@ tokens/s and the bytes that crossed the WAN as the kernel counted them; the lab 
 taken down at the end, also on failure or Ctrl-C. Without root (or with `--local`): the
 same four hosts on loopback, with a built-in topology whose link speeds are nominal, not
 shaped and not measured (the demo says so), and this machine's matmul speed measured.
-Every file goes to the output folder: topology.yaml, plan.yaml, metrics.json and the
-checkpoints.
+Every file goes to the output folder: topology.yaml, plan.yaml, metrics.json, every
+rank's timings (timings/, for `hetsched report` and `hetsched calibrate`) and the
+checkpoints. The last line is the plan's predicted tokens/s against the measured ones.
+The lab hosts are namespaces of this machine: they share its CPUs, and the topology says
+so (every host has this machine's boot id), so the estimate divides the CPU among them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +32,7 @@ import click
 
 from cli.errors import EXIT_INCOMPLETE, reports_input_errors
 from topology.errors import InputError
-from topology.lab import find_lab, lab_down, lab_up, wan_bytes_sent
+from topology.lab import STATE_DIR, LabError, find_lab, lab_down, lab_up, wan_bytes_sent
 from topology.lab_probe import probe_lab
 from topology.lab_spec import LabSpec, load_lab_spec
 from topology.probe import ProbeOptions
@@ -65,9 +71,32 @@ def demo(output_dir: Path, force_local: bool, steps: int) -> None:
     if force_local or not lab_available():
         status = _local_demo(output_dir, steps, forced=force_local)
     else:
-        status = _lab_demo(output_dir, steps)
+        try:
+            with _demo_lab_lock():
+                status = _lab_demo(output_dir, steps)
+        except LabError as exc:
+            click.echo(f"error: {exc}", err=True)
+            status = EXIT_INCOMPLETE
     if status != 0:
         sys.exit(EXIT_INCOMPLETE)
+
+
+@contextlib.contextmanager
+def _demo_lab_lock() -> Iterator[None]:
+    """Hold the demo lab for this process: a second demo is refused, not let take it down.
+
+    The lab's name is fixed, so without this a demo started while another runs would
+    remove the running one's namespaces (its first step takes down a stale demo lab).
+    """
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    path = STATE_DIR / f"{DEMO_NAME}.lock"
+    with open(path, "a", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(f"another `hetsched demo` is running its lab on this machine "
+                             f"(it holds {path}); wait for it, or pass --local") from None
+        yield
 
 
 def _lab_demo(out: Path, steps: int) -> int:
@@ -106,7 +135,7 @@ def _local_demo(out: Path, steps: int, forced: bool) -> int:
     _stage(1, 4, f"built-in topology on loopback ({why}): links are NOT shaped or "
                  "measured, their speeds are the lab's nominal ones")
     spec = load_lab_spec(DEMO_LAB)
-    topology = loopback_topology(spec, measure_matmul_tflops("cpu"))
+    topology = loopback_topology(spec, measure_matmul_tflops("cpu", threads=1))
     save_topology(topology, out / "topology.yaml",
                   header=f"hetsched demo (local): {spec.description}, all on 127.0.0.1")
     _stage(2, 4, f"plan {DEMO_MODEL} and show it")
@@ -121,10 +150,14 @@ def _local_demo(out: Path, steps: int, forced: bool) -> int:
 
 def loopback_topology(spec: LabSpec, tflops: float) -> Topology:
     """The lab's hosts, all at 127.0.0.1, with the lab's nominal link speeds."""
+    from topology.discover import machine_id
+
     hosts, links = [], []
+    machine = machine_id()
     for site in spec.sites:
         for name in site.hosts:
             hosts.append({"name": name, "site": site.name, "address": "127.0.0.1",
+                          **({"machine": machine} if machine else {}),
                           "cpu_cores": os.cpu_count() or 1, "memory_gb": 4,
                           "devices": [{"name": "cpu0", "kind": "cpu", "memory_gb": 4,
                                        "tflops": round(tflops, 4)}],
@@ -180,11 +213,17 @@ def _report(out: Path, steps: int, wan_line: str) -> None:
     click.echo("bytes sent, hetsched's accounting: " + ", ".join(
         f"{k} {v / 1e6:.2f} MB" for k, v in sorted(sent.items())))
     click.echo(wan_line)
-    click.echo(f"files: {out}/topology.yaml, plan.yaml, metrics.json, checkpoints/")
+    click.echo(f"files: {out}/topology.yaml, plan.yaml, metrics.json, timings/, checkpoints/ "
+               f"(hetsched report {out}: predicted vs measured in detail)")
+    measured = tokens / metrics["train_s"]
+    predicted = plan["predicted"]
+    click.echo(f"predicted {predicted:,.0f} tokens/s, measured {measured:,.0f} tokens/s: "
+               f"error {(predicted - measured) / measured:+.1%}")
 
 
 def _plan_model(out: Path) -> dict[str, Any]:
     from holmes.plan import load_plan
 
-    model = load_plan(out / "plan.yaml").model
-    return {"global_batch": model.global_batch, "seq_len": model.seq_len}
+    plan = load_plan(out / "plan.yaml")
+    return {"global_batch": plan.model.global_batch, "seq_len": plan.model.seq_len,
+            "predicted": plan.estimates.tokens_per_s}

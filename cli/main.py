@@ -9,11 +9,13 @@ import click
 
 # command name -> (module, attribute)
 COMMANDS = {
+    "calibrate": ("cli.calibrate", "calibrate"),
     "demo": ("cli.demo", "demo"),
     "lab": ("cli.lab", "lab"),
     "launch": ("cli.launch", "launch"),
     "plan": ("cli.plan", "plan"),
     "probe": ("cli.probe", "probe"),
+    "report": ("cli.calibrate", "report"),
     "show": ("cli.plan", "show"),
     "simulate": ("cli.plan", "simulate"),
 }
@@ -47,6 +49,9 @@ def cli() -> None:
       hetsched show plan.yaml --gantt plan.png         review before any GPU hour
       hetsched simulate plan.yaml --baseline naive     predicted speed vs Megatron order
       hetsched launch plan.yaml -- train.py            one torchrun per host
+      hetsched report RUN_DIR --gantt step.png         predicted vs measured
+      hetsched calibrate RUN_DIR -o calibration.yaml   fit the cost model to the run
+      hetsched plan topology.yaml -m llama-7b --calibration calibration.yaml -o plan.yaml
     """
 
 

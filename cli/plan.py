@@ -12,12 +12,14 @@ from rich.table import Table
 
 from cli.errors import reports_input_errors
 from cli.options import FILE
+from holmes.assumptions import CostAssumptions, list_profiles, load_costs
+from holmes.calibration import with_calibration
 from holmes.estimate import GPU_RESERVED_GB, DilocoChoice, Estimate, usable_memory_gb
 from holmes.hf_config import builtin_names
 from holmes.hosts import CPU_HOST_FLAG
 from holmes.model import list_presets, load_model
 from holmes.plan import Plan, load_plan, save_plan
-from holmes.plan_build import build_plan, idle_lines, left_out_lines, summary
+from holmes.plan_build import build_plan, fault_lines, idle_lines, left_out_lines, summary
 from holmes.planner import (
     ESTIMATE_NOISE,
     PlanOptions,
@@ -28,15 +30,17 @@ from holmes.planner import (
 from holmes.review import (
     check_plan_source,
     estimate_plan,
+    plan_costs,
     plan_diloco,
     plan_model,
     plan_topology,
     planned_topology,
 )
 from holmes.skipping import DEFAULT_MAX_SWAPS, SkipChoice
+from topology.calibration import load_calibration
 from topology.errors import InputError
 from topology.files import check_output, write_bytes_atomic
-from topology.schema import load_topology
+from topology.schema import Topology, load_topology
 
 MAX_SYNC_EVERY = 1_000_000
 MAX_FRAGMENTS = 1024
@@ -44,6 +48,12 @@ DEFAULT_OVERLAP_STEPS = 2
 TABLE_ROWS = 32
 CANDIDATE_ROWS = 8
 NAIVE_LIKE = "naive, the plan's replicas and sync"
+COSTS_HELP = ("The cost model's assumptions: a file with a costs: section, or a profile "
+              f"({', '.join(list_profiles())}).")
+
+
+def _costs(option: str | None) -> CostAssumptions | None:
+    return load_costs(option) if option is not None else None
 
 
 @click.command()
@@ -69,8 +79,9 @@ NAIVE_LIKE = "naive, the plan's replicas and sync"
 @click.option("--skip-ratio", type=float, default=None,
               help="SkipPipe: each microbatch skips this fraction k in [0, 1) of the "
               "non-first stages; routes are chosen to avoid collisions (default: no skipping).")
-@click.option("--max-swaps", type=click.IntRange(0, 1024), default=DEFAULT_MAX_SWAPS,
-              show_default=True, help="SkipPipe: swaps of consecutive stages per route.")
+@click.option("--max-swaps", type=click.IntRange(0, 1024), default=None,
+              help="SkipPipe: swaps of consecutive stages per route (default: "
+              f"{DEFAULT_MAX_SWAPS}, or the non-first stages when there are fewer).")
 @click.option("--optimizer-sharding", type=click.Choice(["zero1", "none"]), default="zero1",
               show_default=True, help="zero1: each device keeps 1/n of its stage's optimizer "
               "state (n: the stage's data-parallel width); none: all of it. Memory follows.")
@@ -82,17 +93,24 @@ NAIVE_LIKE = "naive, the plan's replicas and sync"
 @click.option("--noise", type=click.FloatRange(0.0, 1.0), default=ESTIMATE_NOISE,
               show_default=True, help="Estimates within this fraction of the fastest are "
               "ties (the probe's timing noise), broken by the fewest bytes across sites.")
+@click.option("--calibration", "calibration_file", type=FILE,
+              help="A calibration (`hetsched calibrate`): measured device speeds, link "
+              "figures and step overhead replace the topology's.")
 @click.option(CPU_HOST_FLAG, "include_cpu_hosts", is_flag=True,
               help="Use hosts without a GPU in a GPU job (the whole job then runs on gloo).")
+@click.option("--costs", "costs_option", metavar="FILE|NAME",
+              help=COSTS_HELP + " Default: the model's costs: section, else default.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON on stdout.")
 @reports_input_errors
 def plan(topology_file: Path, model_name: str, output: Path, sync: str, regime: str,
          stages: int | None, sync_every: int, fragments: int, quantization: str,
-         skip_ratio: float | None, max_swaps: int, optimizer_sharding: str, nccl_net: str,
-         noise: float, include_cpu_hosts: bool,
+         skip_ratio: float | None, max_swaps: int | None, optimizer_sharding: str, nccl_net: str,
+         noise: float, calibration_file: Path | None, include_cpu_hosts: bool,
+         costs_option: str | None,
          as_json: bool) -> None:
     """Plan MODEL on TOPOLOGY_FILE: stages, layers, groups, NICs, sync; write plan.yaml."""
-    check_output(output, topology_file, Path(model_name), field="-o")
+    check_output(output, topology_file, Path(model_name), calibration_file,
+                 *([Path(costs_option)] if costs_option else []), field="-o")
     skip = None
     if skip_ratio is not None:
         if not 0.0 <= skip_ratio < 1.0:
@@ -107,9 +125,12 @@ def plan(topology_file: Path, model_name: str, output: Path, sync: str, regime: 
                                                                 sync_every - 1),
                                               quantization=quantization),
                           optimizer_sharding=optimizer_sharding, nccl_net=nccl_net,
-                          include_cpu_hosts=include_cpu_hosts, noise=noise)
-    topology = load_topology(topology_file)
+                          include_cpu_hosts=include_cpu_hosts, costs=_costs(costs_option),
+                          noise=noise)
+    as_written = load_topology(topology_file)
+    topology = _calibrated(as_written, calibration_file)
     decision = decide(topology, load_model(model_name), options)
+    decision.source = as_written  # the plan names the topology file as written
     relative = _relative_to(topology_file, output)
     source = _relative_to(Path(model_name), output) if Path(model_name).is_file() else model_name
     result = build_plan(decision, topology_file=relative, model_source=source)
@@ -122,6 +143,12 @@ def plan(topology_file: Path, model_name: str, output: Path, sync: str, regime: 
     console.print(f"wrote {output}")
     if as_json:
         click.echo(result.to_json())
+
+
+def _calibrated(topology: Topology, calibration_file: Path | None) -> Topology:
+    if calibration_file is None:
+        return topology
+    return with_calibration(topology, load_calibration(calibration_file), calibration_file)
 
 
 def _relative_to(path: Path, plan_file: Path) -> str:
@@ -148,20 +175,29 @@ def _candidates_table(candidates: list[Estimate], chosen: Estimate) -> Table:
               help="Topology file (default: the one the plan names).")
 @click.option("--gantt", type=FILE,
               help="Draw one simulated iteration to FILE.png or FILE.svg.")
+@click.option("--costs", "costs_option", metavar="FILE|NAME",
+              help=COSTS_HELP + " Given: the plan is re-estimated with them (default: the "
+              "plan's own).")
+@click.option("--calibration", "calibration_file", type=FILE,
+              help="A calibration (`hetsched calibrate`): measured device speeds, link "
+              "figures and step overhead replace the topology's (in the Gantt chart and "
+              "a re-estimate).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON instead.")
 @reports_input_errors
-def show(plan_file: Path, topology_file: Path | None, gantt: Path | None, as_json: bool) -> None:
+def show(plan_file: Path, topology_file: Path | None, gantt: Path | None,
+         costs_option: str | None, calibration_file: Path | None, as_json: bool) -> None:
     """Review PLAN_FILE: stages, groups and NICs, link load, memory headroom, a Gantt chart."""
+    override = _costs(costs_option)
     if gantt is not None:
         if gantt.suffix not in (".png", ".svg"):
             raise InputError("the Gantt chart must be a .png or .svg file", field="--gantt")
-        check_output(gantt, plan_file, topology_file, field="--gantt")
+        check_output(gantt, plan_file, topology_file, calibration_file, field="--gantt")
     the_plan = load_plan(plan_file)
     check_plan_source(the_plan, plan_file)
     if as_json:
         click.echo(the_plan.to_json())
         return
-    topology = plan_topology(the_plan, plan_file, topology_file)
+    topology = _calibrated(plan_topology(the_plan, plan_file, topology_file), calibration_file)
     console = Console()
     console.print(_stages_table(the_plan))
     console.print(_groups_table(the_plan))
@@ -169,17 +205,28 @@ def show(plan_file: Path, topology_file: Path | None, gantt: Path | None, as_jso
     console.print(_memory_table(the_plan, topology))
     if the_plan.idle:
         console.print(_idle_table(the_plan))
-    for line in left_out_lines(the_plan) + idle_lines(the_plan):
+    for line in left_out_lines(the_plan) + idle_lines(the_plan) + fault_lines(the_plan):
         console.print(line, highlight=False)
+    console.print(f"cost assumptions: {plan_costs(the_plan, None).summary()}", highlight=False)
+    if override is not None or calibration_file is not None:
+        again = estimate_plan(the_plan, topology, plan_model(the_plan, None, plan_file),
+                              assumptions=override)
+        what = " and ".join(([override.summary()] if override is not None else [])
+                            + ([f"calibration {calibration_file}"] if calibration_file else []))
+        console.print(f"with {what}: {again.step_s:.4g} s/iteration, "
+                      f"{again.tokens_per_s:,.0f} tokens/s, bubble "
+                      f"{again.bubble_fraction:.0%}", highlight=False)
     if gantt is not None:
-        _draw(the_plan, plan_file, topology, gantt)
+        _draw(the_plan, plan_file, topology, gantt, override)
         console.print(f"wrote {gantt}")
 
 
-def _draw(the_plan: Plan, plan_file: Path, topology, gantt: Path) -> None:  # noqa: ANN001
+def _draw(the_plan: Plan, plan_file: Path, topology, gantt: Path,  # noqa: ANN001
+          override: CostAssumptions | None = None) -> None:
     from cli.gantt import draw_gantt
 
-    result = estimate_plan(the_plan, topology, plan_model(the_plan, None, plan_file))
+    result = estimate_plan(the_plan, topology, plan_model(the_plan, None, plan_file),
+                           assumptions=override)
     active = {event.node for event in result.simulation.timeline}
     rows = [d for s in the_plan.replicas[0].stages for d in the_plan.stage(s).devices
             if d in active]
@@ -272,34 +319,44 @@ def _memory_table(the_plan: Plan, topology) -> Table:  # noqa: ANN001
               "plan's depth, per-step all-reduce, NCCL's own transport (and, for a plan with "
               "replicas, the same rank order with its replicas and sync); full: the plan's "
               "placement with full-pipeline routes (no skipping).")
+@click.option("--costs", "costs_option", metavar="FILE|NAME",
+              help=COSTS_HELP + " Default: those the plan was made with.")
+@click.option("--calibration", "calibration_file", type=FILE,
+              help="A calibration (`hetsched calibrate`): measured device speeds, link "
+              "figures and step overhead replace the topology's.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 @reports_input_errors
 def simulate(plan_file: Path, topology_file: Path | None, model_name: str | None,
-             baseline: str, as_json: bool) -> None:
+             baseline: str, costs_option: str | None, calibration_file: Path | None,
+             as_json: bool) -> None:
     """Simulate one iteration of PLAN_FILE (and a baseline) with the pipeline simulator."""
+    override = _costs(costs_option)
     the_plan = load_plan(plan_file)
-    topology = plan_topology(the_plan, plan_file, topology_file)
+    topology = _calibrated(plan_topology(the_plan, plan_file, topology_file), calibration_file)
     config = plan_model(the_plan, model_name, plan_file)
-    rows = {"plan": estimate_plan(the_plan, topology, config)}
+    assumptions = plan_costs(the_plan, override)
+    rows = {"plan": estimate_plan(the_plan, topology, config, assumptions=override)}
     missing: dict[str, str] = {}
     if baseline == "naive":
         planned = planned_topology(the_plan, topology)
-        naives = {"naive": lambda: naive_estimate(planned, config, rows["plan"])}
+        naives = {"naive": lambda: naive_estimate(planned, config, rows["plan"], assumptions)}
         if len(the_plan.replicas) > 1:
             naives[NAIVE_LIKE] = lambda: naive_like_estimate(planned, config, rows["plan"],
-                                                             plan_diloco(the_plan))
+                                                             plan_diloco(the_plan), assumptions)
         for name, make in naives.items():
             try:
                 rows[name] = make()
             except InputError as exc:
                 missing[name] = exc.message
     if baseline == "full":
-        rows["full pipeline"] = estimate_plan(the_plan, topology, config, full_routes=True)
+        rows["full pipeline"] = estimate_plan(the_plan, topology, config, full_routes=True,
+                                              assumptions=override)
     figures: dict[str, dict[str, object]] = {
         name: {"iteration_s": e.step_s, "tokens_per_s": e.tokens_per_s,
                "bubble_fraction": e.bubble_fraction, "bytes_per_step": e.bytes_per_step}
         for name, e in rows.items()}
     figures |= {name: {"none": reason} for name, reason in missing.items()}
+    figures["costs"] = assumptions.model_dump(mode="json")
     if as_json:
         click.echo(json.dumps(figures, indent=2))
         return
@@ -313,3 +370,4 @@ def simulate(plan_file: Path, topology_file: Path | None, model_name: str | None
     console.print(table)
     for name, reason in missing.items():
         console.print(f"{name}: none: {reason}", highlight=False)
+    console.print(f"cost assumptions: {assumptions.summary()}", highlight=False)

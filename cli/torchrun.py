@@ -5,7 +5,7 @@ host of the plan's `launch` section: the torchrun argv (nodes, node rank, proces
 c10d rendezvous), the environment of that host's processes (the plan's path, the host's
 name and the NCCL/gloo variables of the process groups its ranks belong to), the groups
 its ranks belong to with the network each runs on, and the wrapping that gets it there
-(`ip netns exec` for the lab, `ssh` for real hosts). Each torchrun is told its own
+(`ip netns exec` for the lab, `ssh` for real hosts: `cli.remote`). Each torchrun is told its own
 address (`--local-addr`) and, outside local runs, whether it serves the rendezvous store
 (`--rdzv-conf is_host=`), since torchrun's guesses from the hostname fail inside lab
 namespaces. It does no I/O: building a command never starts, resolves or checks anything.
@@ -29,6 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from cli.remote import SshOptions, remote_command, ssh_argv
+from holmes.heartbeat import DEFAULT_EVERY_S as HEARTBEAT_EVERY_S
+from holmes.heartbeat import HEARTBEAT_ENV
 from holmes.plan import Group, LaunchHost, Plan
 from topology.errors import InputError
 
@@ -38,7 +41,6 @@ LOOPBACK = "127.0.0.1"
 LOOPBACK_INTERFACE = "lo"
 SOCKET_IFNAME_SUFFIX = "_SOCKET_IFNAME"
 NETWORK_VARIABLES = frozenset({"NCCL_NET", "NCCL_IB_DISABLE"})
-SSH_OPTIONS = ("-o", "BatchMode=yes", "-tt")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SSH_TARGET = re.compile(r"^[A-Za-z0-9_.:@%\[\]-]+$")
 
@@ -50,7 +52,8 @@ class LaunchSpec:
     `rdzv_endpoint` overrides the plan's rendezvous (local runs use a loopback port);
     `torchrun` is the remote torchrun command (ssh); `python` runs
     `-m torch.distributed.run` on this machine (local, lab); `namespaces` maps each plan
-    host to its lab namespace (lab).
+    host to its lab namespace (lab); `ssh` says how hosts are reached and where the job
+    runs on them (ssh).
     """
 
     via: Via
@@ -63,6 +66,7 @@ class LaunchSpec:
     python: str = "python3"
     remote_plan: str | None = None
     namespaces: dict[str, str] = field(default_factory=dict)
+    ssh: SshOptions = field(default_factory=SshOptions)
 
 
 @dataclass(frozen=True)
@@ -234,8 +238,8 @@ def _host_command(plan: Plan, spec: LaunchSpec, host: LaunchHost, ranks: tuple[i
     endpoint = spec.rdzv_endpoint or host.rdzv_endpoint
     torchrun = _torchrun_argv(plan, spec, host, endpoint, store)
     if spec.via == "ssh":
-        remote = shlex.join(["env", *(f"{k}={v}" for k, v in env.items()), *torchrun])
-        argv: tuple[str, ...] = ("ssh", *SSH_OPTIONS, "--", host.address, remote)
+        remote = remote_command(spec.ssh.workdir, env, torchrun)
+        argv: tuple[str, ...] = ssh_argv(spec.ssh, host.address, remote, tty=True)
         popen_env: dict[str, str] = {}
     elif spec.via == "lab":
         if host.host not in spec.namespaces:
@@ -252,7 +256,8 @@ def _host_command(plan: Plan, spec: LaunchSpec, host: LaunchHost, ranks: tuple[i
 def _host_environment(plan: Plan, spec: LaunchSpec, host: LaunchHost, ranks: tuple[int, ...]
                       ) -> tuple[dict[str, str], dict[str, str], tuple[str, ...]]:
     plan_path = spec.remote_plan if spec.via == "ssh" and spec.remote_plan else str(spec.plan_path)
-    env = {"HETSCHED_PLAN": plan_path, "HETSCHED_HOST": host.host, "PYTHONUNBUFFERED": "1"}
+    env = {"HETSCHED_PLAN": plan_path, "HETSCHED_HOST": host.host, "PYTHONUNBUFFERED": "1",
+           HEARTBEAT_ENV: f"{HEARTBEAT_EVERY_S:g}"}
     sources = dict.fromkeys(env, "launcher")
     notes: list[str] = []
     merged = merge_host_env(plan, host.host, ranks)

@@ -325,6 +325,48 @@ Every pair of nodes has a link ({len(links)} in all), measured: {{method: refere
     return topology("geo12", sites, hosts, links), header
 
 
+# ------------------------------------------- regional clusters (SkipPipe's region figures)
+
+CLUSTER_NODES_PER_REGION = 4
+# name: (regions in SkipPipe's spelling, subnet, what it is)
+CLUSTERS: dict[str, tuple[list[str], int, str]] = {
+    "geo5x4": (["LA", "NL", "Germany", "Singapore", "Oregon"], 21,
+               "the regions of SkipPipe's 5-clusters setting"),
+    "geo6x4": (["Australia", "Japan", "Taiwan", "Iowa", "Canada", "Belgium"], 22,
+               "six regions of SkipPipe's geo-distributed setting, Asia-Pacific heavy"),
+}
+
+
+def cluster_host(index: int, region: str, subnet: int) -> Host:
+    return geo12_host(index, region).model_copy(update={"address": f"10.{subnet}.0.{index + 1}"})
+
+
+def regional_clusters(name: str) -> tuple[Topology, str]:
+    """CLUSTER_NODES_PER_REGION single-GPU nodes in each region of CLUSTERS[name] (a site
+    of 4 nodes per region), linked by SkipPipe's published region figures."""
+    region_names, subnet, what = CLUSTERS[name]
+    reference = load_geo12_reference()
+    regions, hosts = {}, []
+    for r, region in enumerate(region_names):
+        for j in range(CLUSTER_NODES_PER_REGION):
+            hosts.append(cluster_host(r * CLUSTER_NODES_PER_REGION + j, region, subnet))
+            regions[hosts[-1].name] = region
+    sites = [Site(name=r.lower(), description=r) for r in region_names]
+    links = geo12_links(hosts, regions, reference)
+    same_ms, same_gib_s = same_region_figures(reference)
+    header = f"""\
+{name}: {len(region_names)} regions x {CLUSTER_NODES_PER_REGION} single-GPU nodes \
+({len(hosts)} in all), {what}:
+{", ".join(region_names)}. Nodes of one region form one site.
+Source: SkipPipe's published region-to-region one-way latency (ms) and bandwidth
+(examples/geo12/geo12-links.yaml), converted as for geo12 (GiB/s x 1024^3 x 8 / 1e9).
+Same-region pairs: {same_ms:g} ms and {same_gib_s:g} GiB/s ({gib_s_to_gbps(same_gib_s)} Gbit/s).
+Each node: one GPU with 85.9 GB and no TFLOPS figure (the skippipe-llama-24l model gives
+measured seconds per layer per sample) and a {GEO12_NIC_GBPS:g} Gbit/s eth0.
+Every pair of nodes has a link ({len(links)} in all), measured: {{method: reference}}."""
+    return topology(name, sites, hosts, links), header
+
+
 # ---------------------------------------------------------------- entry point
 
 EXAMPLES: dict[str, Callable[[], tuple[Topology, str]]] = {
@@ -334,6 +376,8 @@ EXAMPLES: dict[str, Callable[[], tuple[Topology, str]]] = {
     "one-ib-fabric": one_ib_fabric,
     "scale-1024": scale_1024,
     "geo12": geo12,
+    "geo5x4": lambda: regional_clusters("geo5x4"),
+    "geo6x4": lambda: regional_clusters("geo6x4"),
 }
 
 

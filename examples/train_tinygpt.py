@@ -7,7 +7,9 @@ it: pipeline stages, skip routes, data parallelism, per-step all-reduce or DiLoC
 replicas. Sizes come from the plan's `model` section (tiny-gpt: 8 layers, width 128,
 sequences of 128 bytes). The text is every `.py` file of the stdlib, so nothing is
 downloaded. Rank 0 prints the loss, tokens/s and bytes per link class; with `--metrics`
-it writes them as JSON at the end, with the eval loss of the trained model.
+it writes them as JSON at the end, with the eval loss of the trained model, and every
+rank records its timings beside it (`timings/rank{R}.jsonl`, for `hetsched calibrate` and
+`hetsched report`; `--no-timings` turns that off, `--timings DIR` puts them elsewhere).
 """
 
 from __future__ import annotations
@@ -103,6 +105,14 @@ def eval_loss(model: TinyGPT, data: Tensor, seq: int, windows: int = 64) -> floa
     return float(model(chunk[:, :-1], chunk[:, 1:]))
 
 
+def timings_folder(args: argparse.Namespace) -> Path | None:
+    if args.no_timings:
+        return None
+    if args.timings:
+        return Path(args.timings)
+    return Path(args.metrics).resolve().parent / "timings" if args.metrics else None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=300)
@@ -117,6 +127,9 @@ def main() -> None:
                    "another plan) to start from when --checkpoint-dir holds none")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--metrics", help="rank 0 writes the loss curve and eval loss here (JSON)")
+    p.add_argument("--timings", help="folder for every rank's per-step timings (JSON lines; "
+                   "default: timings/ beside --metrics)")
+    p.add_argument("--no-timings", action="store_true", help="record no timings")
     args = p.parse_args()
     try:  # before any process group: bad input is one line and exit status 2
         checkpoint_folder(args.checkpoint_dir)
@@ -134,7 +147,8 @@ def main() -> None:
             run, model, lambda params: torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0),
             activation_shape=(m.microbatch, m.seq_len, m.hidden), total_steps=args.steps,
             checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
-            resume_from=args.resume_from, log_every=args.log_every)
+            resume_from=args.resume_from, log_every=args.log_every,
+            timings=timings_folder(args))
     except InputError as exc:  # no intact checkpoint: every rank raises it together
         if run.placement.torch_rank == 0:
             print(f"error: {exc}", file=sys.stderr, flush=True)

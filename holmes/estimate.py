@@ -27,6 +27,7 @@ point-to-point neighbours).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -34,7 +35,8 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from holmes import costs
+from holmes import calibration, costs
+from holmes.assumptions import CostAssumptions, default_costs
 from holmes.fabric import Fabric
 from holmes.model import ModelConfig
 from holmes.network import Network, host_of
@@ -103,13 +105,52 @@ class Context:
     diloco: DilocoChoice = field(default_factory=DilocoChoice)
     selection: Selection = "per-communicator"
     optimizer_sharding: str = "zero1"  # or "none": see `optimizer_shards`
+    assumptions: CostAssumptions = field(default_factory=default_costs)
+    busy_fraction: float = 1.0  # of a step a worker computes (CPU sharing: holmes.calibration)
 
     @property
     def microbatch(self) -> int:
         return self.config.training.microbatch
 
     def tflops(self, device: str) -> float | None:
-        return self._device(device).tflops
+        """The device's effective TFLOPS: stated (calibrated, and shared among a machine's
+        CPU workers: `holmes.calibration`) x its compute efficiency."""
+        raw = self._raw_tflops[device]
+        return None if raw is None else raw * self.efficiency(device)
+
+    def efficiency(self, device: str) -> float:
+        host, name = device.split(":", 1)
+        return self.assumptions.efficiency(host, name, self._device(device).kind)
+
+    def layer_forward_s(self, device: str) -> float:
+        """Forward seconds of one layer for one sample on `device` (efficiency applied)."""
+        raw = self._raw_tflops[device]
+        return costs.layer_forward_seconds(self.config.model, raw) / self.efficiency(device)
+
+    @property
+    def backward_ratio(self) -> float:
+        """Backward / forward seconds of a layer, one more forward with full recompute."""
+        full = self.config.training.recompute == "full"
+        return self.assumptions.backward_ratio + (1.0 if full else 0.0)
+
+    def layer_train_s(self, device: str) -> float:
+        """Forward + backward seconds of one layer for one microbatch on `device`."""
+        return (1.0 + self.backward_ratio) * self.microbatch * self.layer_forward_s(device)
+
+    def head_loss_s(self, device: str, layers: int) -> float:
+        """Seconds of the head + loss of one microbatch on `device`, whose stage holds
+        `layers` layers: from the head's FLOPs, or a fraction of the stage's forward."""
+        share = self.assumptions.head_loss
+        if share == "flops":
+            raw = self._raw_tflops[device]
+            head = costs.head_forward_seconds(self.config.model, raw) / self.efficiency(device)
+            return (1.0 + self.assumptions.backward_ratio) * self.microbatch * head
+        return share * (layers * self.microbatch * self.layer_forward_s(device))
+
+    @functools.cached_property
+    def _raw_tflops(self) -> dict[str, float | None]:
+        return calibration.device_tflops(self.topology, self.config.model,
+                                         self.config.training.recompute, self.busy_fraction)
 
     def memory_bytes(self, device: str) -> float:
         return usable_memory_gb(self._device(device)) * costs.GB
@@ -202,20 +243,45 @@ def partition_for(layout: Layout, ctx: Context, equal: bool = False) -> Partitio
         head = s == layout.head_stage
         memory = costs.stage_memory_terms(
             model, microbatch=ctx.microbatch,
-            in_flight=in_flight_cap(s, layout.stages, in_flight_of, layout.loss_at),
+            in_flight=_reserved_in_flight(ctx, s, layout.stages, in_flight_of, layout.loss_at),
             holds_embedding=s == 0, holds_head=head, recompute=training.recompute,
             optimizer_shards=optimizer_shards(layout, s, ctx))
-        fixed = costs.head_train_seconds(model, ctx.microbatch, ctx.tflops(slowest)) if head \
-            else 0.0
+        per_layer, fixed = ctx.layer_train_s(slowest), 0.0
+        if head and ctx.assumptions.head_loss == "flops":
+            fixed = ctx.head_loss_s(slowest, 0)
+        elif head:  # a fraction of the stage's forward grows with its layers
+            per_layer += ctx.head_loss_s(slowest, 1)
         stage_costs.append(StageCost(
             device=smallest, capacity_bytes=ctx.memory_bytes(smallest),
-            seconds_per_layer=costs.layer_train_seconds(model, ctx.microbatch,
-                                                        ctx.tflops(slowest), training.recompute),
+            seconds_per_layer=per_layer,
             bytes_per_layer=memory.per_layer, fixed_bytes=memory.fixed,
             fixed_seconds=0.0 if equal else fixed))
     if equal:
         return _equal_partition(stage_costs, model.layers, model.name)
     return partition_layers(stage_costs, model.layers, model_name=model.name)
+
+
+def _reserved_in_flight(ctx: Context, stage: int, stages: int, microbatches: int,
+                        loss_at: str) -> int:
+    """Microbatches the layer split reserves memory for on `stage`: the assumed number,
+    else 1F1B's cap."""
+    wanted = ctx.assumptions.in_flight
+    if isinstance(wanted, int):
+        return wanted
+    return in_flight_cap(stage, stages, microbatches, loss_at)
+
+
+def assumed_in_flight(layout: Layout, partition: Partition, ctx: Context,
+                      skipping: bool = False) -> dict[str, int] | None:
+    """Per device, the microbatches it may hold under the cost assumptions: a number for
+    every device, what memory allows (`memory`, or `auto` with skip routes), or None
+    (`auto`: 1F1B's `in_flight_cap`)."""
+    wanted = ctx.assumptions.in_flight
+    if isinstance(wanted, int):
+        return dict.fromkeys(layout.devices(), wanted)
+    if wanted == "memory" or skipping:
+        return memory_in_flight(layout, partition, ctx)
+    return None
 
 
 def _equal_partition(stage_costs: list[StageCost], layers: int, name: str) -> Partition:
@@ -255,6 +321,28 @@ def _lane_sampled(replica: Stages) -> bool:
 def estimate(layout: Layout, partition: Partition, ctx: Context, sync: str,
              routes: list[list[Route]] | None = None, timeline: bool = True,
              in_flight: Mapping[str, int] | None = None) -> Estimate:
+    """`_estimate`; with a calibration, where CPU workers share a machine's cores, again
+    with the busy fraction it predicts (workers waiting in a bubble leave their core to
+    the others; `holmes.calibration`), CPU_SHARING_ROUNDS times. Without one every worker
+    counts as always busy (docs/fidelity.md has both, measured)."""
+    result = _estimate(layout, partition, ctx, sync, routes, timeline, in_flight)
+    if ctx.topology.calibration is None or not calibration.shares_cores(ctx.topology,
+                                                                        layout.devices()):
+        return result
+    for _ in range(CPU_SHARING_ROUNDS):
+        busy = calibration.busy_fraction(result.bubble_fraction, result.iteration_s,
+                                         result.step_s)
+        result = _estimate(layout, partition, dataclasses.replace(ctx, busy_fraction=busy),
+                           sync, routes, timeline, in_flight)
+    return result
+
+
+CPU_SHARING_ROUNDS = 2
+
+
+def _estimate(layout: Layout, partition: Partition, ctx: Context, sync: str,
+              routes: list[list[Route]] | None = None, timeline: bool = True,
+              in_flight: Mapping[str, int] | None = None) -> Estimate:
     """Simulate every replica with `partition` and add the sync between replicas.
 
     `routes` (per replica) default to full-pipeline routes; a plan's own routes may be
@@ -263,6 +351,8 @@ def estimate(layout: Layout, partition: Partition, ctx: Context, sync: str,
     `in_flight_cap`); the memory estimate follows it.
     """
     shares = replica_microbatches(ctx.config, layout, ctx)
+    if in_flight is None:
+        in_flight = assumed_in_flight(layout, partition, ctx)
     all_routes = routes or [routes_of(replica, share, first)
                             for replica, share, first in zip(layout.replicas, shares,
                                                              _first_ids(shares), strict=True)]
@@ -281,7 +371,7 @@ def estimate(layout: Layout, partition: Partition, ctx: Context, sync: str,
         for (a, b), nbytes in result.bytes_per_link.items():
             bytes_per_step[_link_class(ctx, a, b)] += nbytes * lanes
         _add_data_parallel_bytes(bytes_per_step, layout, replica, partition, ctx)
-    iteration_s = max(r.iteration_s for r in results)
+    iteration_s = max(r.iteration_s for r in results) + calibration.step_overhead_s(ctx.topology)
     sync_s, notes = _sync_cost(layout, partition, ctx, sync, iteration_s, bytes_per_step,
                                forced)
     step_s = iteration_s + sync_s
@@ -300,43 +390,52 @@ def full_pipeline_specs(est: Estimate, ctx: Context,
                         in_flight: Mapping[str, int] | None = None) -> list[PipelineSpec]:
     """Per replica of `est`, the simulator's input for its full-pipeline routes over every
     device (no lane sampling): the starting point of a path scheduler."""
-    shares = replica_microbatches(ctx.config, est.layout, ctx)
-    forced = socket_forced(est.layout, ctx, est.sync)
-    return [_spec(est.layout, replica, est.partition, ctx, routes_of(replica, share, first), 1,
+    return layout_specs(est.layout, est.partition, est.sync, ctx, in_flight)
+
+
+def layout_specs(layout: Layout, partition: Partition, sync: str, ctx: Context,
+                 in_flight: Mapping[str, int] | None = None) -> list[PipelineSpec]:
+    """`full_pipeline_specs` of a layout not yet estimated (no simulation is run)."""
+    shares = replica_microbatches(ctx.config, layout, ctx)
+    forced = socket_forced(layout, ctx, sync)
+    if in_flight is None:
+        in_flight = assumed_in_flight(layout, partition, ctx)
+    return [_spec(layout, replica, partition, ctx, routes_of(replica, share, first), 1,
                   forced, in_flight)
-            for replica, share, first in zip(est.layout.replicas, shares, _first_ids(shares),
+            for replica, share, first in zip(layout.replicas, shares, _first_ids(shares),
                                              strict=True)]
 
 
 def _spec(layout: Layout, replica: Stages, partition: Partition, ctx: Context,
           routes: list[Route], lanes: int, forced: frozenset[str],
           in_flight: Mapping[str, int] | None = None) -> PipelineSpec:
-    model, training = ctx.config.model, ctx.config.training
+    model = ctx.config.model
     forward, tails, limits = {}, {}, {}
     share = _lane_share(replica, layout.loss_at) if lanes > 1 else Counter()
     used = {d for route in routes for d in route.nodes}
     for s, stage in enumerate(replica):
         allreduce = _stage_allreduce_s(stage, partition.layers[s], _holds(layout, s), ctx,
-                                       forced)
+                                       forced) if ctx.assumptions.data_parallel == "counted" \
+            else 0.0
         for device in (d for d in stage if d in used):
-            forward[device] = (partition.layers[s] * ctx.microbatch
-                               * costs.layer_forward_seconds(model, ctx.tflops(device)))
+            forward[device] = partition.layers[s] * ctx.microbatch * ctx.layer_forward_s(device)
             tails[device] = allreduce
             limits[device] = (in_flight or {}).get(device) or in_flight_cap(
                 s, len(replica), len(routes), layout.loss_at)
-    ratio = costs.train_time_factor(training.recompute) - 1.0
-    loss = {d: costs.head_train_seconds(model, ctx.microbatch, ctx.tflops(d))
-            for d in replica[layout.head_stage] if d in used}
+    ratio = ctx.backward_ratio
+    head_layers = partition.layers[layout.head_stage]
+    loss = {d: ctx.head_loss_s(d, head_layers) for d in replica[layout.head_stage] if d in used}
+    hop_s, link_share = ctx.assumptions.hop_seconds, ctx.assumptions.link_efficiency
 
     def link(a: str, b: str) -> tuple[float, float]:
         return ctx.network.device_link(a, b, socket=a in forced or b in forced)
 
     def latency(a: str, b: str) -> float:
-        return link(a, b)[0] / 1000
+        return link(a, b)[0] / 1000 + hop_s
 
     def bandwidth(a: str, b: str) -> float:
         shared = share.get(frozenset((host_of(a), host_of(b))), 1)
-        return costs.gbps_to_bytes_per_s(link(a, b)[1]) / max(1, shared)
+        return costs.gbps_to_bytes_per_s(link(a, b)[1]) * link_share / max(1, shared)
 
     return PipelineSpec(
         forward_s=forward, routes=routes,
@@ -387,7 +486,7 @@ def _ring_link(devices: list[str], ctx: Context, forced: frozenset[str]
         hops = [ctx.network.host_link(a, b, socket)
                 for a, b in zip(hosts, hosts[1:] + hosts[:1], strict=True)]
         latency_ms, gbps = max(h[0] for h in hops), min(h[1] for h in hops)
-    return latency_ms / 1000, costs.gbps_to_bytes_per_s(gbps)
+    return latency_ms / 1000, costs.gbps_to_bytes_per_s(gbps) * ctx.assumptions.link_efficiency
 
 
 def _stage_allreduce_s(stage: tuple[str, ...], layers: int, holds: tuple[bool, bool],
@@ -448,6 +547,30 @@ def _parallel_rings(layout: Layout, stage: int) -> int:
     return min(len({host_of(d) for d in replica[stage]}) for replica in layout.replicas)
 
 
+def diloco_exchange_s(est: Estimate, ctx: Context) -> float:
+    """Seconds of the slowest single DiLoCo exchange of `est`: one fragment of a stage
+    all-reduced between the replicas over that stage's slowest cross-replica hop (what a
+    replica waits for at worst when nothing overlaps it); 0 with one replica."""
+    layout, partition = est.layout, est.partition
+    if len(layout.replicas) == 1:
+        return 0.0
+    forced = socket_forced(layout, ctx, est.sync)
+    slowest = 0.0
+    for s in range(layout.stages):
+        latency, bandwidth = _ring_link([r[s][0] for r in layout.replicas], ctx, forced)
+        bandwidth *= _parallel_rings(layout, s)
+        fragment = _fragment_bytes(ctx, partition.layers[s], _holds(layout, s))
+        slowest = max(slowest, costs.allreduce_seconds(fragment, len(layout.replicas),
+                                                       latency, bandwidth))
+    return slowest
+
+
+def _fragment_bytes(ctx: Context, layers: int, holds: tuple[bool, bool]) -> float:
+    d = ctx.diloco
+    params = _stage_params(ctx.config.model, layers, holds)
+    return params * QUANTIZED_BYTES_PER_PARAM[d.quantization] / d.fragments
+
+
 def _diloco_stage_cost(ctx: Context, layers: int, holds: tuple[bool, bool], replicas: int,
                        latency: float, bandwidth: float, iteration_s: float, lanes: int,
                        rings: int) -> tuple[float, float]:
@@ -457,8 +580,7 @@ def _diloco_stage_cost(ctx: Context, layers: int, holds: tuple[bool, bool], repl
     own ring; `per_lane`: every lane all of it, each on its own ring (the passing on inside
     the stage, fp32 on the stage's fast links, is left out of the time)."""
     d = ctx.diloco
-    params = _stage_params(ctx.config.model, layers, holds)
-    fragment = params * QUANTIZED_BYTES_PER_PARAM[d.quantization] / d.fragments
+    fragment = _fragment_bytes(ctx, layers, holds)
     if d.exchange == "lead" or lanes == 1:
         exchange = costs.allreduce_seconds(fragment, replicas, latency, bandwidth)
     elif d.exchange == "sharded":

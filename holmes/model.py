@@ -29,6 +29,13 @@ A model.yaml:
       microbatch: 1        # samples per pipeline microbatch
       steps: 1000
       recompute: selective # none | selective | full (activation recomputation)
+    costs:                 # optional: the cost model's assumptions (holmes.assumptions)
+      in_flight: auto      # auto | memory | a number of microbatches per device
+      backward_ratio: 2.0
+      head_loss: flops     # flops | a fraction of the forward of the stage that runs it
+      hop_seconds: 0.0
+      compute_efficiency: 1.0
+      link_efficiency: 1.0
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ import yaml
 from pydantic import model_validator
 
 from holmes import hf_config
+from holmes.assumptions import CostAssumptions
 from topology.errors import InputError
 from topology.files import load_yaml_mapping
 from topology.schema import Name
@@ -137,11 +145,13 @@ class TrainingSpec(Strict):
 
 
 class ModelConfig(Strict):
-    """A whole model.yaml: version, model shape, training job."""
+    """A whole model.yaml: version, model shape, training job, and optionally the cost
+    model's assumptions (`holmes.assumptions`; `--costs` overrides them)."""
 
     version: Version
     model: ModelSpec
     training: TrainingSpec
+    costs: CostAssumptions | None = None
 
     @model_validator(mode="after")
     def _known_version(self) -> Self:

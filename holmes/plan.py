@@ -2,8 +2,8 @@
 
 Stable keys (tools and people diff these files): `version`, `topology_sha256`, `model`,
 `sync`, `replicas`, `stages`, `paths`, `groups`, `diloco`, `optimizer`, `launch`,
-`estimates`, and `nccl_net_selection`, `left_out`, `idle` (see `Group`, `LeftOutHost`,
-`IdleDevice`). The file
+`launch_policy`, `estimates`, and `nccl_net_selection`, `left_out`, `idle` (see `Group`,
+`LeftOutHost`, `IdleDevice`). The file
 starts with a comment that says the plan in words. Devices are named `host:device`
 (`a1:gpu0`); ranks follow `launch` (node by node, device by device). Layer ranges are
 half-open: `layers: [0, 4]` holds layers 0, 1, 2 and 3.
@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal, Self
 import yaml
 from pydantic import Field, PrivateAttr, model_validator
 
+from holmes.assumptions import CostAssumptions
 from holmes.model import MAX_MICROBATCHES, Dtype, GlobalBatch, Layers, Microbatch, SeqLen
 from holmes.model import Hidden as HiddenSize
 from topology.addresses import Endpoint
@@ -114,6 +115,10 @@ class IdleDevice(Strict):
 
 
 class DilocoSettings(Strict):
+    """Streaming DiLoCo's settings (`diloco.DiLoCoConfig`). `timeout_s`: how long a replica
+    waits for an exchange before it fails (a plan written before this key existed loads
+    with 300 s, what its runs used)."""
+
     sync_every: bounded_int(1, 1_000_000, "steps")
     fragments: bounded_int(1, 1024)
     pattern: Literal["strided", "sequential"]
@@ -128,6 +133,7 @@ class DilocoSettings(Strict):
     # stage) or `per_lane` (every lane exchanges all of it: k times the WAN bytes; kept to
     # compare against)
     exchange: Literal["sharded", "lead", "per_lane"] = "sharded"
+    timeout_s: bounded_float(1, 1e6, "s") = 300.0
 
     @model_validator(mode="after")
     def _steps_fit(self) -> Self:
@@ -159,6 +165,14 @@ class LaunchHost(Strict):
     rdzv_endpoint: Endpoint
 
 
+class LaunchPolicy(Strict):
+    """How `hetsched launch` watches the run: a host whose workers send no heartbeat, or
+    make no progress, for `hang_timeout_s` is named as hung and the launch is stopped
+    (`cli.hangs`). A plan written before this key existed loads with the default."""
+
+    hang_timeout_s: bounded_float(1, 1e6, "s") = 60.0
+
+
 class Skipping(Strict):
     """SkipPipe paths: the skip ratio and swap limit the routes in `paths` obey, and how
     many microbatches each device may hold at once (its memory cap while routes skip)."""
@@ -177,6 +191,15 @@ class Estimates(Strict):
     memory_gb: dict[DeviceId, bounded_float(0, 100_000, "GB")] = Field(max_length=MAX_WORLD)
     bubble_fraction: bounded_float(0, 1)
     sync_s_per_step: Seconds = 0.0
+
+
+class DepthEstimate(Strict):
+    """What the planner predicted for one pipeline depth it tried (its fastest layout)."""
+
+    regime: Literal["datacentre", "geo"]
+    stages: bounded_int(1, MAX_WORLD)
+    iteration_s: Seconds
+    tokens_per_s: bounded_float(0, 1e24, "tokens/s")
 
 
 class Plan(Strict):
@@ -199,7 +222,10 @@ class Plan(Strict):
     optimizer: OptimizerSettings = Field(
         default_factory=lambda: OptimizerSettings(sharding="none"))
     launch: list[LaunchHost] = Field(min_length=1, max_length=MAX_HOSTS)
+    launch_policy: LaunchPolicy = Field(default_factory=LaunchPolicy)
     estimates: Estimates
+    costs: CostAssumptions | None = None  # the cost assumptions the estimates were made with
+    depths: list[DepthEstimate] = Field(default_factory=list, max_length=MAX_WORLD)
     left_out: list[LeftOutHost] = Field(default_factory=list, max_length=MAX_HOSTS)
     idle: list[IdleDevice] = Field(default_factory=list, max_length=MAX_WORLD)
     _stage_by_id: dict[int, Stage] = PrivateAttr(default_factory=dict)

@@ -12,19 +12,22 @@ no stage uses are listed with the reason (`left_out`, `idle`).
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
-from holmes.estimate import Estimate, optimizer_shards
+from holmes.estimate import Estimate, diloco_exchange_s, optimizer_shards
 from holmes.fabric import fabric_of_host
 from holmes.network import host_of
 from holmes.nics import group_env
 from holmes.plan import (
     PLAN_VERSION,
+    DepthEstimate,
     DilocoSettings,
     Estimates,
     Group,
     IdleDevice,
     LaunchHost,
+    LaunchPolicy,
     LeftOutHost,
     MicrobatchPath,
     OptimizerSettings,
@@ -41,6 +44,12 @@ from topology.schema import Topology
 IDLE_WARNING_FRACTION = 0.10
 
 RDZV_PORT = 29400
+HANG_TIMEOUT_FLOOR_S = 60.0
+HANG_TIMEOUT_STEPS = 10
+HANG_EXCHANGES = 2
+DILOCO_TIMEOUT_FLOOR_S = 60.0
+DILOCO_TIMEOUT_EXCHANGES = 10
+DILOCO_AFTER_HANG_S = 30.0
 
 
 def build_plan(decision: Decision, topology_file: str | None = None,
@@ -50,6 +59,8 @@ def build_plan(decision: Decision, topology_file: str | None = None,
     launch = _launch(topology, chosen)
     ranks = {d: i for i, d in enumerate(d for h in launch for d in h.devices)}
     backend = "gloo" if any(_device_kind(topology, d) == "cpu" for d in ranks) else "nccl"
+    exchange_s = diloco_exchange_s(chosen, ctx) if chosen.sync == "diloco" else 0.0
+    hang_s = hang_timeout_s(chosen.step_s, exchange_s)
     return Plan(
         version=PLAN_VERSION,
         topology_sha256=(decision.source or topology).sha256(),
@@ -66,17 +77,32 @@ def build_plan(decision: Decision, topology_file: str | None = None,
         skipping=_skipping(decision),
         groups=_groups(decision, ranks, backend),
         nccl_net_selection=ctx.selection if backend == "nccl" else None,
-        diloco=_diloco(decision) if chosen.sync == "diloco" else None,
+        diloco=_diloco(decision, diloco_timeout_s(exchange_s, hang_s))
+        if chosen.sync == "diloco" else None,
         optimizer=OptimizerSettings(sharding=ctx.optimizer_sharding),
         launch=launch,
+        launch_policy=LaunchPolicy(hang_timeout_s=hang_s),
         estimates=Estimates(
             iteration_s=round(chosen.step_s, 6), tokens_per_s=round(chosen.tokens_per_s, 1),
             bytes_per_step={k: round(v) for k, v in sorted(chosen.bytes_per_step.items())},
             memory_gb=chosen.memory_gb, bubble_fraction=round(chosen.bubble_fraction, 4),
             sync_s_per_step=round(chosen.sync_s_per_step, 6)),
+        costs=ctx.assumptions,
+        depths=[DepthEstimate(regime=e.layout.regime, stages=e.layout.stages,
+                              iteration_s=round(e.step_s, 6),
+                              tokens_per_s=round(e.tokens_per_s, 1))
+                for e in decision.by_depth()],
         left_out=[LeftOutHost(host=h.host, reason=h.reason) for h in decision.left_out],
         idle=idle_devices(decision),
     )
+
+
+def hang_timeout_s(step_s: float, exchange_s: float = 0.0) -> float:
+    """How long a host may make no progress before the launcher calls it hung: ten of the
+    plan's estimated steps, never under a minute, and at least twice the slowest DiLoCo
+    exchange (a step may wait for one that nothing overlapped)."""
+    return float(max(HANG_TIMEOUT_FLOOR_S, math.ceil(HANG_TIMEOUT_STEPS * step_s),
+                     math.ceil(HANG_EXCHANGES * exchange_s)))
 
 
 def _device_kind(topology: Topology, device: str) -> str:
@@ -180,11 +206,21 @@ def _skipping(decision: Decision) -> Skipping | None:
                     full_pipeline_s=round(full.step_s, 6))
 
 
-def _diloco(decision: Decision) -> DilocoSettings:
+def _diloco(decision: Decision, timeout_s: float) -> DilocoSettings:
     d = decision.context.diloco
     return DilocoSettings(sync_every=d.sync_every, fragments=d.fragments, pattern=d.pattern,
                           overlap_steps=d.overlap_steps, alpha=d.alpha,
-                          quantization=d.quantization, exchange=d.exchange)
+                          quantization=d.quantization, exchange=d.exchange,
+                          timeout_s=timeout_s)
+
+
+def diloco_timeout_s(exchange_s: float, hang_s: float) -> float:
+    """How long a replica waits for a DiLoCo exchange: ten times the slowest exchange's
+    estimate on the measured links, never under a minute, and longer than the launcher's
+    hang timeout, so that a hung replica is named by the launcher before its peers give
+    up waiting for it."""
+    return float(max(DILOCO_TIMEOUT_FLOOR_S, math.ceil(DILOCO_TIMEOUT_EXCHANGES * exchange_s),
+                     hang_s + DILOCO_AFTER_HANG_S))
 
 
 def summary(decision: Decision, plan: Plan, topology_name: str) -> list[str]:
@@ -197,20 +233,25 @@ def summary(decision: Decision, plan: Plan, topology_name: str) -> list[str]:
     lines = [
         f"hetsched plan for {model.name} on {topology_name} "
         f"(topology {plan.topology_sha256[:12]}).{idle_warning(plan)}",
-        f"Regime: {decision.regime}; {_count(len(fabrics), 'fabric')} ({sizes}).",
+        f"Regime: {decision.regime}"
+        f"{f' ({decision.regime_note})' if decision.regime_note else ''}; "
+        f"{_count(len(fabrics), 'fabric')} ({sizes}).",
         f"Layout: {layout.description}; {len(layout.replicas)} replica(s) x "
         f"{layout.stages} stages, layers per stage {list(chosen.partition.layers)} "
         f"({chosen.partition.method}).",
     ]
+    lines += _depth_lines(decision)
     lines += _sync_lines(decision)
     lines += tie_lines(decision)
     lines += _skip_lines(decision)
+    lines += [f"Note: {note}." for note in decision.notes]
     lines.append(_optimizer_line(decision))
     lines += transport_lines(plan, decision.selection_detail)
     per_class = ", ".join(f"{k} {v / 1e9:.3g} GB"
                           for k, v in sorted(chosen.bytes_per_step.items())) or "none"
     lines.append(f"Estimated: {chosen.step_s:.4g} s/iteration, {chosen.tokens_per_s:,.0f} "
                  f"tokens/s, bubble {chosen.bubble_fraction:.0%}; bytes/step: {per_class}.")
+    lines.append(f"Cost assumptions: {decision.context.assumptions.summary()}.")
     if decision.context.network.assumed:
         lines.append(f"{len(decision.context.network.assumed)} host pairs had no measured link; "
                      "their fabric or Ethernet NIC speed was assumed.")
@@ -284,6 +325,16 @@ def left_out_lines(plan: Plan) -> list[str]:
     return [f"Left out: {_count(len(plan.left_out), 'host')} ({hosts}{more})."]
 
 
+def fault_lines(plan: Plan) -> list[str]:
+    """How the run is watched for faults: the launcher's hang timeout, DiLoCo's wait."""
+    lines = [f"Faults: a host is hung after {plan.launch_policy.hang_timeout_s:g} s without "
+             "a heartbeat or progress (launch_policy.hang_timeout_s)."]
+    if plan.diloco is not None:
+        lines.append(f"DiLoCo: a replica fails after waiting {plan.diloco.timeout_s:g} s for "
+                     "an exchange (diloco.timeout_s).")
+    return lines
+
+
 def idle_lines(plan: Plan) -> list[str]:
     """Idle devices grouped by reason (every device is listed under `idle`)."""
     if not plan.idle:
@@ -307,6 +358,17 @@ def transport_lines(plan: Plan, detail: str) -> list[str]:
            "NCCL_NET holds for every group of a process, so a process in any socket group "
            "runs all its groups on sockets")
     return [f"NCCL network {plan.nccl_net_selection} ({detail}): {how}; groups: {spread}."]
+
+
+def _depth_lines(decision: Decision) -> list[str]:
+    """Why this geo depth: each depth tried and its estimate, when more than one was."""
+    tried = [e for e in decision.by_depth() if e.layout.regime == "geo"]
+    if decision.regime != "geo" or len(tried) < 2:
+        return []
+    figures = ", ".join(f"{e.layout.stages}: {e.step_s:.4g} s" for e in tried)
+    costs = decision.context.assumptions.name
+    return [f"Depth: {decision.chosen.layout.stages} stages (geo depths tried, full-pipeline "
+            f"s/iteration under {costs} costs: {figures})."]
 
 
 def _skip_lines(decision: Decision) -> list[str]:
@@ -336,6 +398,9 @@ def _sync_lines(decision: Decision) -> list[str]:
                     "span fabrics, so their data-parallel all-reduce crosses fabrics too."]
         return [f"One replica over {len(used)} fabrics: data-parallel groups stay inside "
                 "their fabric; only pipeline traffic crosses fabrics."]
-    alternatives = {e.sync: e for e in decision.candidates if e.layout == chosen.layout}
+    alternatives = {e.sync: e for e in decision.candidates
+                    if e.layout.replicas == chosen.layout.replicas}
+    if decision.full_pipeline is not None:  # skip routes: the chosen sync's own figure
+        alternatives[chosen.sync] = chosen
     parts = [f"{sync} {e.step_s:.4g} s/step" for sync, e in sorted(alternatives.items())]
     return [f"Sync between replicas: {chosen.sync} ({'; '.join(parts)})."]

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from holmes import costs
+from holmes.assumptions import CostAssumptions, default_costs
 from holmes.estimate import (
     Context,
     DilocoChoice,
@@ -49,7 +50,11 @@ from holmes.placement import (
     geo_layout,
     naive_layout,
 )
-from holmes.skipping import SkipChoice, skip_estimate
+from holmes.skipping import (
+    SkipChoice,
+    skip_estimate,
+    skips_a_stage,
+)
 from holmes.transports import Selection, choose_selection
 from topology.errors import InputError
 from topology.schema import Topology
@@ -59,6 +64,8 @@ ALLREDUCE_TOLERANCE = 1.10
 # --repeat reports it; docs/planner.md has the figures): estimates closer than this are
 # ties, broken by traffic.
 ESTIMATE_NOISE = 0.10
+GEO_MAX_STAGES = 8
+GEO_DEPTHS = 5  # geo depths tried without --stages: the deepest five up to GEO_MAX_STAGES
 REFINE_BUDGET = 96_000
 MIN_REFINE_ROUNDS = 10
 Regime = Literal["auto", "datacentre", "geo"]
@@ -80,6 +87,7 @@ class PlanOptions:
     nccl_net: NcclNet = "auto"
     include_cpu_hosts: bool = False
     noise: float = ESTIMATE_NOISE  # estimates within (1 + noise) of each other are ties
+    costs: CostAssumptions | None = None  # None: the model's `costs:`, else `default`
 
 
 @dataclass
@@ -102,6 +110,27 @@ class Decision:
     selection_detail: str = ""
     noise: float = 0.0  # the tie band the choice was made with
     ties: list[Estimate] = field(default_factory=list)  # candidates within it, chosen first
+    regime_note: str = ""  # why this regime, when auto weighed more than one
+    notes: list[str] = field(default_factory=list)
+
+    def by_depth(self) -> list[Estimate]:
+        """The fastest candidate of each (regime, depth), in that order: what each depth
+        the planner tried is predicted to take (why this depth was chosen)."""
+        best: dict[tuple[str, int], Estimate] = {}
+        for e in self.candidates:
+            key = (e.layout.regime, e.layout.stages)
+            if key not in best or e.step_s < best[key].step_s:
+                best[key] = e
+        return [best[key] for key in sorted(best)]
+
+
+@dataclass
+class _Search:
+    """Candidates found so far over one or more regimes, and what did not fit."""
+
+    candidates: list[Estimate] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)
+    errors: list[tuple[int, InputError]] = field(default_factory=list)
 
 
 def decide(topology: Topology, config: ModelConfig, options: PlanOptions) -> Decision:
@@ -113,38 +142,113 @@ def decide(topology: Topology, config: ModelConfig, options: PlanOptions) -> Dec
     fabrics = find_fabrics(topology)
     _require_devices(topology, config)
     selection, detail = _selection(topology, fabrics, options.nccl_net)
+    assumptions = options.costs or config.costs or default_costs()
     context = Context(topology, fabrics, Network(topology, fabrics), config, options.diloco,
-                      selection, options.optimizer_sharding)
-    regime = _regime(fabrics, options.regime)
-    layouts = _layouts(regime, context, options)
-    layouts = [lay for lay in layouts if lay.stages <= config.model.layers] or layouts
-    candidates, rejected, errors = [], [], []
-    for layout in layouts:
-        try:
-            partition = partition_for(layout, context)
-        except InputError as exc:
-            rejected.append(f"{layout.description}: {exc.message}")
-            errors.append((layout.stages, exc))
-            continue
-        for sync in _syncs(layout, options.sync):
-            found = estimate(layout, partition, context, sync)
-            candidates.append(found)
-            if regime == "geo":
-                candidates.append(refine_by_simulation(
-                    found, context, refine_rounds(options.refine_rounds, config)))
-    if not candidates:
-        # The deepest pipeline spreads the model thinnest: its shortfall is the one to show.
-        raise max(errors, key=lambda e: e[0])[1] if errors else InputError("no layout fits")
-    fastest = _best(candidates, options.sync)
-    chosen, ties = tie_break(candidates, fastest, options.sync, options.noise)
+                      selection, options.optimizer_sharding, assumptions)
+    search = _Search()
+    wanted = _regimes(fabrics, options.regime)
+    for regime in wanted:
+        _search(regime, context, options, search)
+    why = _why_geo(search, options) if "geo" not in wanted and options.regime == "auto" else ""
+    if why:
+        _search("geo", context, options, search)
+    pool = _pool(search, options)
+    fastest, note = _choose(pool, options, "geo" in wanted or bool(why))
+    chosen, ties = tie_break(pool, fastest, options.sync, options.noise)
+    regime = chosen.layout.regime
     if options.sync == "diloco" and chosen.sync != "diloco":
         raise InputError(f"DiLoCo needs two or more replicas, but every layout of the {regime} "
                          "regime is one pipeline; pass --regime datacentre to make fabrics "
                          "(sites) replicas, or leave --sync to the planner", field="--sync")
-    decision = Decision(chosen, candidates, regime, fabrics, context, rejected,
+    decision = Decision(chosen, search.candidates, regime, fabrics, context, search.rejected,
                         left_out=left_out, source=source, selection_detail=detail,
+                        regime_note="; ".join(part for part in (why, note) if part),
                         noise=options.noise, ties=ties)
     return _with_skipping(decision, options.skip) if options.skip else decision
+
+
+def _search(regime: str, ctx: Context, options: PlanOptions, found: _Search) -> None:
+    """Add every layout of `regime` that fits, estimated with each sync, to `found`."""
+    try:
+        layouts = _layouts(regime, ctx, options)
+    except InputError as exc:
+        found.errors.append((-1, exc))
+        return
+    layouts = [lay for lay in layouts if lay.stages <= ctx.config.model.layers] or layouts
+    for layout in layouts:
+        try:
+            partition = partition_for(layout, ctx)
+        except InputError as exc:
+            found.rejected.append(f"{layout.description}: {exc.message}")
+            found.errors.append((layout.stages, exc))
+            continue
+        for sync in _syncs(layout, options.sync):
+            estimated = estimate(layout, partition, ctx, sync)
+            found.candidates.append(estimated)
+            if regime == "geo":
+                found.candidates.append(refine_by_simulation(
+                    estimated, ctx, refine_rounds(options.refine_rounds, ctx.config)))
+
+
+def _why_geo(found: _Search, options: PlanOptions) -> str:
+    """Why the auto regime must also look at one pipeline over every device (geo) when
+    skipping is asked for: the data-centre layouts lack the asked depth, or skipping would
+    skip nothing in them."""
+    skip = options.skip
+    if skip is None:
+        return ""
+    depths = sorted({e.layout.stages for e in found.candidates})
+    if options.stages is not None and options.stages not in depths:
+        return f"no data-centre layout has {options.stages} stages"
+    if not any(skips_a_stage(d, skip.ratio) for d in depths):
+        return (f"skip ratio {skip.ratio:g} skips no stage of a data-centre layout "
+                f"({'/'.join(map(str, depths)) or 'no'} stages)")
+    return ""
+
+
+def _pool(found: _Search, options: PlanOptions) -> list[Estimate]:
+    """The candidates the choice is made from: those where skipping applies when it is
+    asked for. None: the most telling refusal, in one line."""
+    pool = found.candidates
+    skip = options.skip
+    if skip is not None and pool:
+        pool = [e for e in pool if skips_a_stage(e.layout.stages, skip.ratio)]
+        if not pool:
+            depths = "/".join(str(d) for d in sorted({e.layout.stages
+                                                      for e in found.candidates}))
+            least = _least_stages(skip.ratio)
+            way_out = ("pass --regime geo (one pipeline over every device)"
+                       if options.regime == "datacentre" else
+                       f"pass --stages {least} or more" if least else "lower --skip-ratio")
+            raise InputError(f"skip ratio {skip.ratio:g} skips no stage of any layout "
+                             f"considered ({depths} stages; a route skips round(k (S - 1)) "
+                             f"of S - 1 stages): {way_out}", field="--skip-ratio")
+    if not pool:
+        # The deepest pipeline spreads the model thinnest: its shortfall is the one to show.
+        raise max(found.errors, key=lambda e: e[0])[1] if found.errors else \
+            InputError("no layout fits")
+    return pool
+
+
+def _least_stages(ratio: float, most: int = 64) -> int | None:
+    """The fewest stages in which skip ratio `ratio` skips a stage (None: none up to most)."""
+    return next((s for s in range(2, most + 1) if skips_a_stage(s, ratio)), None)
+
+
+def _choose(pool: list[Estimate], options: PlanOptions, weighed: bool) -> tuple[Estimate, str]:
+    """The best candidate of each regime (`_best`), then the faster of those; with
+    `weighed` (auto looked at both regimes) a note says what each estimated."""
+    regimes = sorted({e.layout.regime for e in pool})
+    bests = {r: _best([e for e in pool if e.layout.regime == r], options.sync) for r in regimes}
+    finalists = list(bests.values())
+    if options.sync == "diloco":
+        finalists = [e for e in finalists if e.sync == "diloco"] or finalists
+    chosen = min(finalists, key=lambda e: e.step_s)
+    if not weighed or len(bests) < 2:
+        return chosen, ""
+    figures = " vs ".join(f"{r} {e.tokens_per_s:,.0f} tokens/s ({e.sync})"
+                          for r, e in sorted(bests.items(), key=lambda kv: kv[1].step_s))
+    return chosen, f"auto weighed {figures} and took the faster"
 
 
 def _selection(topology: Topology, fabrics: list[Fabric], wanted: NcclNet
@@ -163,13 +267,14 @@ def _with_skipping(decision: Decision, choice: SkipChoice) -> Decision:
     """Give the chosen layout collision-aware skip routes (SkipPipe); keep its
     full-pipeline estimate (head at the origin, same memory) for comparison."""
     ctx = decision.context
+    choice, note = choice.fitted(decision.chosen.layout.stages)
     try:
         skipped = skip_estimate(decision.chosen, ctx, choice)
     except ValueError as exc:
         option = "--max-swaps" if str(exc).startswith("max swaps") else "--skip-ratio"
         raise InputError(str(exc), field=option) from exc
     return replace(decision, chosen=skipped.estimate, full_pipeline=skipped.full_pipeline,
-                   skip=choice)
+                   skip=choice, notes=decision.notes + ([note] if note else []))
 
 
 def _require_devices(topology: Topology, config: ModelConfig) -> None:
@@ -186,28 +291,40 @@ def _require_devices(topology: Topology, config: ModelConfig) -> None:
                          field="hosts[].devices[].tflops")
 
 
-def _regime(fabrics: list[Fabric], wanted: Regime) -> str:
+def _regimes(fabrics: list[Fabric], wanted: Regime) -> list[str]:
+    """The regimes to search: the one asked for; with auto, data-centre islands, and also
+    one geo pipeline when the fabrics are scattered (three or more, of at most two hosts
+    each), the faster estimate winning."""
     if wanted != "auto":
-        return wanted
+        return [wanted]
     scattered = len(fabrics) >= 3 and all(len(f.hosts) <= 2 for f in fabrics)
-    return "geo" if scattered else "datacentre"
+    return ["datacentre", "geo"] if scattered else ["datacentre"]
 
 
 def _layouts(regime: str, ctx: Context, options: PlanOptions) -> list[Layout]:
     if regime == "geo":
-        return [_geo(ctx, options)]
+        return [_geo(ctx, options, stages) for stages in geo_depths(ctx, options)]
     layouts = datacentre_layouts(ctx.topology, ctx.fabrics, ctx.network, options.max_stages)
     if options.stages is not None:
         layouts = [lay for lay in layouts if lay.stages == options.stages]
     if not layouts:
-        raise InputError(f"no data-centre layout with {options.stages} stages", field="--stages")
+        raise InputError(f"no data-centre layout with {options.stages} stages (pass --regime "
+                         "geo for one pipeline over every device)", field="--stages")
     return layouts
 
 
-def _geo(ctx: Context, options: PlanOptions) -> Layout:
+def geo_depths(ctx: Context, options: PlanOptions) -> list[int]:
+    """The pipeline depths the geo regime tries: `--stages`, else the GEO_DEPTHS deepest
+    up to GEO_MAX_STAGES (and the devices and layers); the fastest estimate wins."""
+    if options.stages is not None:
+        return [options.stages]
+    deepest = min(len(device_ids(ctx.topology)), ctx.config.model.layers, GEO_MAX_STAGES)
+    return list(range(max(1, deepest - GEO_DEPTHS + 1), deepest + 1))
+
+
+def _geo(ctx: Context, options: PlanOptions, stages: int) -> Layout:
     devices = device_ids(ctx.topology)
     model, training = ctx.config.model, ctx.config.training
-    stages = options.stages or min(len(devices), model.layers, 8)
     if not 0 < stages <= len(devices):
         raise InputError(f"cannot make {stages} stages from {len(devices)} devices",
                          field="--stages")
@@ -306,29 +423,34 @@ def _traffic_rank(e: Estimate) -> tuple[float, float, float]:
     return (e.bytes_per_step.get("inter_site", 0.0), sum(e.bytes_per_step.values()), e.step_s)
 
 
-def naive_estimate(topology: Topology, config: ModelConfig, like: Estimate) -> Estimate:
+def naive_estimate(topology: Topology, config: ModelConfig, like: Estimate,
+                   assumptions: CostAssumptions | None = None) -> Estimate:
     """What one would run without hetsched: Megatron's rank order on as many devices as
     `like` uses, with its pipeline depth, one pipeline whose data-parallel groups take
     devices / depth consecutive ranks, per-step all-reduce inside them, equal layers and
     NCCL's own transport (see `naive_shape_estimate`)."""
     stages = like.layout.stages
     return naive_shape_estimate(topology, config, stages,
-                                max(1, len(like.layout.devices()) // stages))
+                                max(1, len(like.layout.devices()) // stages),
+                                assumptions=assumptions)
 
 
 def naive_like_estimate(topology: Topology, config: ModelConfig, like: Estimate,
-                        diloco: DilocoChoice | None = None) -> Estimate:
+                        diloco: DilocoChoice | None = None,
+                        assumptions: CostAssumptions | None = None) -> Estimate:
     """The naive rank order cut into `like`'s replicas and synced like it: the plan and
     this differ only in placement and layer split (with one replica it is
     `naive_estimate`). `naive_estimate` / this is what the replicas and their sync gain."""
     replicas, stages = len(like.layout.replicas), like.layout.stages
     dp = max(1, len(like.layout.devices()) // (stages * replicas))
-    return naive_shape_estimate(topology, config, stages, dp, replicas, like.sync, diloco)
+    return naive_shape_estimate(topology, config, stages, dp, replicas, like.sync, diloco,
+                                assumptions)
 
 
 def naive_shape_estimate(topology: Topology, config: ModelConfig, stages: int, dp: int,
                          replicas: int = 1, sync: str = "allreduce",
-                         diloco: DilocoChoice | None = None) -> Estimate:
+                         diloco: DilocoChoice | None = None,
+                         assumptions: CostAssumptions | None = None) -> Estimate:
     """The naive placement of `replicas` x `stages` x `dp` devices. With one replica this
     is exactly Megatron's rank order for pipeline depth `stages`. Its links run where NCCL
     would put them by itself: RDMA between hosts of one RDMA fabric, sockets otherwise
@@ -339,7 +461,8 @@ def naive_shape_estimate(topology: Topology, config: ModelConfig, stages: int, d
     fabrics = find_fabrics(topology)
     network = Network(topology, fabrics)
     context = Context(topology, fabrics, network, config, diloco or DilocoChoice(),
-                      "per-communicator")
+                      "per-communicator",
+                      assumptions=assumptions or config.costs or default_costs())
     layout = naive_layout(topology, stages, dp, replicas)
     partition = partition_for(layout, context, equal=True)
     sync = (sync if sync != "none" else "allreduce") if replicas > 1 else "none"

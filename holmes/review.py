@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from holmes.assumptions import CostAssumptions, default_costs
 from holmes.estimate import Context, DilocoChoice, Estimate, estimate
 from holmes.fabric import find_fabrics
 from holmes.hosts import without_hosts
@@ -134,16 +135,27 @@ def routes_of_plan(plan: Plan) -> list[list[Route]]:
     return routes
 
 
+def plan_costs(plan: Plan, option: CostAssumptions | None) -> CostAssumptions:
+    """The assumptions to re-estimate a plan with: `--costs`, else those it was made with
+    (a plan from before profiles existed: `default`)."""
+    return option or plan.costs or default_costs()
+
+
 def estimate_plan(plan: Plan, topology: Topology, config: ModelConfig,
-                  full_routes: bool = False) -> Estimate:
+                  full_routes: bool = False,
+                  assumptions: CostAssumptions | None = None) -> Estimate:
     """Simulate the plan as written; with `full_routes`, the same placement, layers and
-    memory caps with every microbatch through every stage (the skipping baseline)."""
+    memory caps with every microbatch through every stage (the skipping baseline).
+    `assumptions` (default: the plan's own) set the cost model's assumptions."""
     topology = planned_topology(plan, topology)
     fabrics = find_fabrics(topology)
     ctx = Context(topology, fabrics, Network(topology, fabrics), config, plan_diloco(plan),
-                  plan.nccl_net_selection or "per-communicator", plan.optimizer.sharding)
+                  plan.nccl_net_selection or "per-communicator", plan.optimizer.sharding,
+                  plan_costs(plan, assumptions))
     sync = "diloco" if plan.sync == "diloco" else ("allreduce" if len(plan.replicas) > 1
                                                    else "none")
     in_flight = plan.skipping.in_flight if plan.skipping is not None else None
+    if assumptions is not None and isinstance(assumptions.in_flight, int):
+        in_flight = None  # the new assumptions' own number, not the recorded caps
     routes = None if full_routes else routes_of_plan(plan)
     return estimate(layout_of(plan), partition_of(plan), ctx, sync, routes, in_flight=in_flight)

@@ -81,6 +81,7 @@ Public names: ``SkippableModel``, ``forward_route``, ``Task``, ``Message``,
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -96,6 +97,7 @@ __all__ = [
     "Message",
     "PipelineRuntime",
     "PipelineSchedule",
+    "Recorder",
     "SkippableModel",
     "Task",
     "forward_route",
@@ -105,6 +107,17 @@ TaskKind = Literal["forward", "loss", "backward"]
 P2PGroup = Callable[[str, str], "dist.ProcessGroup | None"]
 MessageKind = Literal["activation", "gradient"]
 _TAG_OFFSET: dict[MessageKind, int] = {"activation": 0, "gradient": 1}
+
+
+class Recorder(Protocol):
+    """Where the runtime reports what it did (``holmes.runtime.timings.Timings`` is one):
+    each compute task, each blocking receive and each send, with ``time.time()`` starts."""
+
+    def task(self, kind: str, microbatch: int, start: float) -> None: ...
+
+    def recv(self, peer: int, microbatch: int, kind: str, nbytes: int, start: float) -> None: ...
+
+    def send(self, peer: int, microbatch: int, kind: str, nbytes: int) -> None: ...
 
 
 class SkippableModel(Protocol):
@@ -400,7 +413,9 @@ class _Inbox:
         dtype: torch.dtype,
         device: torch.device,
         groups: Mapping[int, dist.ProcessGroup | None],
+        recorder: Recorder | None = None,
     ) -> None:
+        self._recorder = recorder
         self._pending = {src: deque(messages) for src, messages in expected.items()}
         self._groups = groups
         self._stash: dict[tuple[int, str], Tensor] = {}
@@ -414,7 +429,11 @@ class _Inbox:
         while pending:
             message = pending.popleft()
             buffer = torch.empty(self._shape, dtype=self._dtype, device=self._device)
+            start = time.time()
             dist.recv(buffer, src=src_rank, group=self._groups.get(src_rank), tag=message.tag)
+            if self._recorder is not None:
+                self._recorder.recv(src_rank, message.microbatch, message.kind,
+                                    buffer.numel() * buffer.element_size(), start)
             if (message.microbatch, message.kind) == key:
                 return buffer
             self._stash[(message.microbatch, message.kind)] = buffer
@@ -458,6 +477,7 @@ class PipelineRuntime:
     constructor makes one per stage, which needs every rank of the world to be in the
     schedule (a caller with several pipelines creates the groups itself and passes it).
     ``p2p_group(src, dst)`` names the group a hop's messages use (default: the world).
+    ``recorder`` (default none) is told of every task, blocking receive and send.
     """
 
     def __init__(
@@ -472,7 +492,9 @@ class PipelineRuntime:
         device: torch.device | str | None = None,
         stage_group: dist.ProcessGroup | None | Literal["create"] = "create",
         p2p_group: P2PGroup | None = None,
+        recorder: Recorder | None = None,
     ) -> None:
+        self.recorder = recorder
         if sync not in ("stage", "none"):
             raise ValueError(f"sync must be 'stage' or 'none', got {sync!r}")
         nodes = [node for node, r in schedule.ranks.items() if r == rank]
@@ -532,15 +554,14 @@ class PipelineRuntime:
             )
         on_device = {mb: (x.to(self.device), y.to(self.device)) for mb, (x, y) in batches.items()}
         inbox = _Inbox(self._expected, self.activation_shape, self.dtype, self.device,
-                       self._recv_groups)
+                       self._recv_groups, self.recorder)
         state = _Iteration(on_device, inbox)
+        run = {"forward": self._forward, "loss": self._loss, "backward": self._backward}
         for task in self._tasks:
-            if task.kind == "forward":
-                self._forward(task.microbatch, state)
-            elif task.kind == "loss":
-                self._loss(task.microbatch, state)
-            else:
-                self._backward(task.microbatch, state)
+            start = time.time()
+            run[task.kind](task.microbatch, state)
+            if self.recorder is not None:
+                self.recorder.task(task.kind, task.microbatch, start)
         for work, _ in state.sends:
             work.wait()
         inbox.check_drained()
@@ -608,6 +629,8 @@ class PipelineRuntime:
                           tag=Message(self.node, dst, mb, kind).tag)
         state.sends.append((work, payload))
         nbytes = payload.numel() * payload.element_size()
+        if self.recorder is not None:
+            self.recorder.send(dst_rank, mb, kind, nbytes)
         self.bytes_sent[dst_rank] = self.bytes_sent.get(dst_rank, 0) + nbytes
 
     def _receive(self, src: str, mb: int, kind: MessageKind, state: _Iteration) -> Tensor:

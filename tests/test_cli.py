@@ -96,6 +96,10 @@ def test_demo_local_plans_and_trains_on_loopback(tmp_path: Path) -> None:
     metrics = json.loads((tmp_path / "d" / "metrics.json").read_text())
     assert [entry["step"] for entry in metrics["curve"]][-1] == 6
     assert math.isfinite(metrics["eval_loss"])
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith("predicted ") and "measured" in last and "error" in last
+    assert "machine:" in (tmp_path / "d" / "topology.yaml").read_text()
+    assert list((tmp_path / "d" / "timings").glob("rank*.jsonl"))
 
 
 @pytest.mark.root
@@ -107,3 +111,22 @@ def test_demo_in_the_lab_trains_and_reads_the_wan_counters(tmp_path: Path) -> No
     assert "crossed the WAN (the kernel's counters" in done.stdout
     assert "lab down" in done.stderr
     assert not [ns for ns in existing_namespaces() if ns.startswith("hs-demo-")]
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not lab_available(), reason="needs root, ip and tc for the lab")
+def test_a_second_demo_is_refused_and_leaves_the_running_lab_alone(tmp_path: Path) -> None:
+    import fcntl
+
+    from cli.demo import DEMO_NAME
+    from topology.lab import STATE_DIR
+
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    with open(STATE_DIR / f"{DEMO_NAME}.lock", "a", encoding="utf-8") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        before = existing_namespaces()
+        done = hetsched("demo", "--steps", "1", "-o", str(tmp_path / "d"))
+        assert existing_namespaces() == before
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "another `hetsched demo`" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -26,7 +26,7 @@ from topology.lab_spec import load_lab_spec  # noqa: E402
 
 @pytest.fixture(scope="module")
 def decision():
-    topology = loopback_topology(load_lab_spec("lab-2x2"), 0.05)
+    topology = loopback_topology(load_lab_spec("lab-2x2"), 0.1)
     return decide(topology, load_model("tiny-gpt"), PlanOptions())
 
 

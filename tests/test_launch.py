@@ -101,9 +101,12 @@ def local_plan(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def remote_command(argv: list[str]) -> list[str]:
-    """The words the remote shell sees: ssh's last argument, split as a shell would."""
-    assert argv[:5] == ["ssh", "-o", "BatchMode=yes", "-tt", "--"]
-    return shlex.split(argv[-1])
+    """The words of the command the remote shell runs after `cd -- WORKDIR &&`: ssh's last
+    argument, split as a shell would (tests/test_launch_ssh.py runs it in real shells)."""
+    assert argv[0] == "ssh" and argv.index("--") == len(argv) - 3
+    words = shlex.split(argv[-1])
+    assert words[:2] == ["cd", "--"] and words[3:5] == ["&&", "exec"]
+    return words[5:]
 
 
 def test_dry_run_of_a_three_site_plan(three_site_plan: Path) -> None:
@@ -115,7 +118,7 @@ def test_dry_run_of_a_three_site_plan(three_site_plan: Path) -> None:
     assert [h["host"] for h in hosts] == ["a1", "a2", "b1", "b2", "c1", "c2"]
     for i, h in enumerate(hosts):
         words = remote_command(h["argv"])
-        assert h["argv"][5] == f"10.0.{1 + i // 2}.{1 + i % 2}"
+        assert h["argv"][-2] == f"10.0.{1 + i // 2}.{1 + i % 2}"
         env = dict(w.split("=", 1) for w in words[1:words.index("torchrun")])
         torchrun = words[words.index("torchrun"):]
         assert words[0] == "env" and env == h["env"]

@@ -23,6 +23,7 @@ from cli.main import cli
 from holmes.model import ModelConfig
 from holmes.plan import Plan
 from topology.addresses import check_host, split_endpoint
+from topology.calibration import CalibrationFile
 from topology.errors import InputError
 from topology.files import check_output, load_yaml_mapping, write_text_atomic
 from topology.hosts import HostsFile
@@ -35,7 +36,7 @@ from hostile_cases import device_node, make_device
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMAS: dict[str, type[BaseModel]] = {"topology.yaml": Topology, "hosts.yaml": HostsFile,
                                        "model.yaml": ModelConfig, "plan.yaml": Plan,
-                                       "lab spec": LabSpec}
+                                       "lab spec": LabSpec, "calibration.yaml": CalibrationFile}
 
 
 def test_every_number_of_every_schema_is_bounded() -> None:

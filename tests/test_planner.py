@@ -222,15 +222,19 @@ def three_single_host_sites() -> Topology:
 
 
 def test_a_one_stage_geo_plan_has_nothing_to_swap_and_still_plans() -> None:
-    decision = decide(three_single_host_sites(), load_model("tiny-gpt"), PlanOptions(stages=1))
+    decision = decide(three_single_host_sites(), load_model("tiny-gpt"),
+                      PlanOptions(stages=1, regime="geo"))
     assert decision.regime == "geo" and decision.chosen.layout.stages == 1
 
 
 def test_forced_diloco_without_replicas_is_refused_naming_the_way_out() -> None:
     with pytest.raises(InputError, match="--regime datacentre") as caught:
         decide(three_single_host_sites(), load_model("tiny-gpt"),
-               PlanOptions(stages=1, sync="diloco"))
+               PlanOptions(stages=1, sync="diloco", regime="geo"))
     assert caught.value.field == "--sync"
+    auto = decide(three_single_host_sites(), load_model("tiny-gpt"),
+                  PlanOptions(stages=1, sync="diloco"))  # auto weighs the replicas too
+    assert auto.regime == "datacentre" and auto.chosen.sync == "diloco"
     forced = decide(three_single_host_sites(), load_model("tiny-gpt"),
                     PlanOptions(stages=1, sync="diloco", regime="datacentre"))
     assert forced.chosen.sync == "diloco" and len(forced.chosen.layout.replicas) == 3

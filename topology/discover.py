@@ -400,6 +400,13 @@ def _hostname() -> str:
     return _schema_name(raw.split(".")[0], fallback="localhost")
 
 
+def machine_id(boot_id: Path = Path("/proc/sys/kernel/random/boot_id")) -> str | None:
+    """This kernel's boot id: the same in every network namespace of one machine, so
+    hosts that report the same one share its CPUs (None where there is none)."""
+    text = (_read(boot_id) or "").strip()
+    return text[:128] or None
+
+
 def cpu_cores() -> int:
     """Cores this process may run on (the affinity mask), else all the OS reports."""
     if hasattr(os, "sched_getaffinity"):
@@ -428,14 +435,29 @@ def _is_live_sysfs(sysfs_root: Path) -> bool:
 
 
 def measure_matmul_tflops(
-    device: str = "cpu", *, seconds: float = 0.3, size: int | None = None
+    device: str = "cpu", *, seconds: float = 0.3, size: int | None = None,
+    threads: int | None = None,
 ) -> float | None:
     """Effective TFLOPS of repeated square matrix products on `device` for about `seconds`.
 
     fp32 on CPU; bf16 on a GPU that supports it, else fp16. None if nothing was timed.
+    `threads` (CPU only) sets torch's intra-op threads for the measurement (restored
+    after); `discover_devices` times a CPU with one, as a training worker runs (every
+    script here sets one thread per worker), and the estimate shares the machine's cores
+    among its workers.
     """
     import torch
 
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _timed_matmuls(torch, device, seconds, size)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _timed_matmuls(torch: Any, device: str, seconds: float, size: int | None) -> float | None:
     target = torch.device(device)
     on_gpu = target.type == "cuda"
     dtype = torch.float32
@@ -474,7 +496,7 @@ def discover_devices(ram_gb: float, *, measure_flops: bool) -> list[Device]:
             kind="cpu",
             model=cpu_model(),
             memory_gb=ram_gb,
-            tflops=measure_matmul_tflops("cpu") if measure_flops else None,
+            tflops=measure_matmul_tflops("cpu", threads=1) if measure_flops else None,
         )
     ]
 
@@ -562,6 +584,7 @@ def discover_host(
             name=name if name is not None else _hostname(),
             address=primary_address(nics, facts) if live else None,
             site=site,
+            machine=machine_id() if live else None,
             cpu_cores=cpu_cores(),
             memory_gb=ram_gb,
             devices=discover_devices(ram_gb, measure_flops=measure_flops),

@@ -40,7 +40,11 @@ def lab_hosts_file(state: LabState) -> dict[str, object]:
 
 @contextmanager
 def lab_agents(state: LabState, folder: Path, flops: bool = False) -> Iterator[Path]:
-    """Start one agent per lab host, wait until all listen, yield the token path, stop them."""
+    """Start one agent per lab host, wait until all listen, yield the token path, stop them.
+
+    With `flops`, each agent is started once the previous one listens, so no two time
+    their matmul at once: every lab host shares this machine's CPUs, and each figure is
+    the whole machine's (the estimate divides it among the hosts, by their `machine`)."""
     token = folder / "token"
     token.write_text(new_token() + "\n")
     token.chmod(0o600)
@@ -53,6 +57,8 @@ def lab_agents(state: LabState, folder: Path, flops: bool = False) -> Iterator[P
             log = (folder / f"agent-{name}.log").open("w")
             agents[name] = subprocess.Popen(host_command(state, name, argv), stdout=log,
                                             stderr=subprocess.STDOUT, text=True)
+            if flops:  # each times its matmul alone: the machine's speed, not a share
+                _wait_until_listening({name: agents[name]}, folder)
         _wait_until_listening(agents, folder)
         yield token
     finally:

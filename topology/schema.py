@@ -23,6 +23,7 @@ import yaml
 from pydantic import Field, PrivateAttr, model_validator
 
 from topology.addresses import Host as HostAddress
+from topology.calibration import Calibration
 from topology.files import load_yaml_mapping, write_text_atomic
 from topology.validation import Strict, Version, bounded_float, bounded_int, validate_as
 
@@ -85,11 +86,16 @@ class Site(Strict):
 
 
 class Host(Strict):
-    """A machine. A host the probe could not reach keeps its name with the reason."""
+    """A machine. A host the probe could not reach keeps its name with the reason.
+
+    `machine` identifies the kernel the host runs on (the probe writes its boot id):
+    hosts with the same one (network namespaces of one machine, as in `hetsched lab`)
+    share its CPUs, and the estimate divides a CPU's speed among them."""
 
     name: Name
     address: HostAddress | None = None
     site: Name | None = None
+    machine: Annotated[str, Field(max_length=128)] | None = None
     status: Literal["ok", "unreachable"] = "ok"
     reason: Text | None = None
     cpu_cores: bounded_int(1, 100_000) | None = None
@@ -154,6 +160,7 @@ class Topology(Strict):
     sites: list[Site] = Field(default_factory=list, max_length=MAX_SITES)
     hosts: list[Host] = Field(max_length=MAX_HOSTS)
     links: list[Link] = Field(default_factory=list, max_length=MAX_LINKS)
+    calibration: Calibration | None = None  # topology.calibration: fitted from a run
     _by_name: dict[str, Host] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")

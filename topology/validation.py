@@ -42,18 +42,41 @@ _INNER_FIELD = re.compile(r"^([A-Za-z_]+(?:\[\d+\])?(?:\.[A-Za-z_]+(?:\[\d+\])?)
 
 
 def describe_validation_error(exc: ValidationError) -> tuple[str, str]:
-    """The first problem of a pydantic error as (field path, message), plus a count of the rest."""
+    """The first problem of a pydantic error as (field path, message), plus a count of the rest.
+
+    A field that may take one of several types (a union: `auto`, or a bounded number) gets
+    one error per type from pydantic, each with the type's tag in its path; they count as
+    one problem, the path drops the tags, and a range error (what the user most likely
+    meant) is the one shown."""
     errors = exc.errors(include_url=False)
-    first = errors[0]
-    field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"]).lstrip(".")
+    first_loc = _field_loc(errors[0]["loc"])
+    same = [e for e in errors if _related(_field_loc(e["loc"]), first_loc)]
+    first = next((e for e in same if e["type"] == "value_error"), same[0])
+    loc = _field_loc(first["loc"])
+    field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
     message = first["msg"].removeprefix("Value error, ")
     inner = _INNER_FIELD.match(message)
     if inner:
         field = f"{field}.{inner.group(1)}" if field else inner.group(1)
         message = message[inner.end():]
-    if len(errors) > 1:
-        message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    rest = len(errors) - len(same)
+    if rest:
+        message += f" (and {rest} more problem{'s' if rest > 1 else ''})"
     return field or "(top level)", message
+
+
+_UNION_TAG = re.compile(r"[\[\]()'\"]|^(int|float|str|bool|dict|list)$")
+
+
+def _field_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """`loc` without pydantic's union-member tags (`function-after[check(), float]`)."""
+    return tuple(p for p in loc if not (isinstance(p, str) and _UNION_TAG.search(p)))
+
+
+def _related(loc: tuple[Any, ...], first: tuple[Any, ...]) -> bool:
+    """One path is the other or inside it: the errors of one union field."""
+    n = min(len(loc), len(first))
+    return loc == first or (n > 0 and loc[:n] == first[:n])
 
 
 def validate_as(model: type[ModelT], data: Any, path: str | Path) -> ModelT:

@@ -14,6 +14,8 @@ It depends on the plan (`holmes.plan`), never the reverse: the planner modules o
   manifest of checksums, finding damage, pruning; a path that is not a folder refused.
 - `train_state`: a rank's state as those entries (written once, read under any plan);
   the collectives that save a step and resume the newest one every rank has intact.
+- `timings`: every rank's per-step record of its tasks, transfers and syncs (JSON lines
+  for `hetsched report` and `hetsched calibrate`).
 - `links`: which link class (intra_host, intra_site, inter_site) joins two ranks.
 - `hf`: Hugging Face causal LMs (Llama, Qwen2/3, Mistral, GPT-2) in the pipeline's model
   contract (imports transformers only when a model is built; not imported here).

@@ -36,6 +36,12 @@ optimizer step per `step(batches)`:
    count, layer split or data-parallel width; by default the environment's
    `HETSCHED_RESUME_FROM`, so a launcher can hand it to every rank of any script), so a
    torchrun restart continues the same run and a new plan continues an old one.
+6. with `timings` (a folder), every rank appends one JSON line per step to
+   `timings/rank{R}.jsonl` (`holmes.runtime.timings`): each task, receive, send and
+   sync with its times, and the bytes it sent per link class;
+7. under `hetsched launch`, a `holmes.heartbeat.Heartbeat` beats from construction on
+   and reports each finished step; `finish()` says the rank is done, so the launcher
+   can tell a hung host from a slow one (`cli.hangs`).
 
 Parameters of the model a rank does not hold (other stages' blocks) are never trained
 there; `gather_model()` copies every replica-0 parameter to rank 0 for evaluation.
@@ -57,9 +63,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from diloco import DiLoCo, DiLoCoConfig, SiteRelay
+from holmes.heartbeat import Heartbeat
 from holmes.runtime import checkpoints, train_state
 from holmes.runtime.links import link_classes, slowest_class
 from holmes.runtime.plan_run import PlanRun
+from holmes.runtime.timings import Timings
 from holmes.runtime.zero import StageShards, restrict
 from skippipe.runtime import PipelineRuntime
 from topology.errors import InputError
@@ -84,7 +92,9 @@ class Trainer:
                  activation_shape: Sequence[int], total_steps: int,
                  checkpoint_dir: str | Path | None = None, checkpoint_every: int = 50,
                  resume_from: str | Path | None = None, log_every: int = 10,
-                 log: Callable[[str], None] | None = None) -> None:
+                 log: Callable[[str], None] | None = None,
+                 timings: str | Path | None = None) -> None:
+        self.heartbeat = Heartbeat.from_env(run.placement.torch_rank)
         self.checkpoint_dir = checkpoints.checkpoint_folder(checkpoint_dir)
         self.resume_from = checkpoints.checkpoint_folder(
             resume_from or os.environ.get(checkpoints.RESUME_FROM_ENV), must_exist=True)
@@ -92,10 +102,14 @@ class Trainer:
         self.log_every, self.checkpoint_every = log_every, checkpoint_every
         self._print = log or (lambda line: print(line, file=sys.stderr, flush=True))
         data = run.group_of_kind("data")
+        where = run.placement
+        self.timings = Timings(timings, rank=where.torch_rank, identity={
+            "node": where.device, "host": where.host, "stage": where.stage,
+            "replica": where.replica, "lane": where.lane})
         self.pipeline = PipelineRuntime(
             model, run.schedule, run.placement.torch_rank, activation_shape=activation_shape,
             device=run.torch_device(), stage_group=data, sync="none",
-            p2p_group=run.p2p_group)
+            p2p_group=run.p2p_group, recorder=self.timings if self.timings.enabled else None)
         self.params = list(self.pipeline.parameters())
         self.shards = None if data is None else StageShards(
             self.params, data, lanes=[run.torch_rank_of[d] for d in self._stage_devices()])
@@ -118,6 +132,12 @@ class Trainer:
         self.start_step = self._resume()
         self._window_start = time.perf_counter()
 
+    def record_timings(self, on: bool) -> None:
+        """Pause (False) or resume (True) recording when a timings folder was given (a
+        bench turns it off and on within one run to measure what recording costs)."""
+        self.timings.enabled = on and self.timings.folder is not None
+        self.pipeline.recorder = self.timings if self.timings.enabled else None
+
     def microbatches(self) -> list[int]:
         """The microbatches whose batches this rank must give to `step` (its origins)."""
         return self.pipeline.origin_microbatches()
@@ -128,6 +148,8 @@ class Trainer:
     def step(self, step: int, batches: Mapping[int, tuple[Tensor, Tensor]]) -> StepLog | None:
         """One optimizer step (numbered `step`, 0-based); returns the log line's figures
         on rank 0 when one is printed."""
+        self.timings.start_step()
+        sent_before = self._with_diloco_bytes() if self.timings.enabled else Counter()
         losses = self.pipeline.step(batches)
         self._count_pipeline_bytes()
         self._reduce_gradients()
@@ -135,12 +157,17 @@ class Trainer:
         for param in self.params:
             param.grad = None
         if self.zero1:
-            self.shards.all_gather_parameters()
+            with self.timings.sync("zero", self.shards.wire_bytes):
+                self.shards.all_gather_parameters()
             self._add_shard_bytes()
         self._sync_replicas_after_update()
+        if self.timings.enabled:
+            self.timings.end_step(step, dict(self._with_diloco_bytes() - sent_before))
         self._window.extend(losses.values())
         self._window_steps += 1
         done = step + 1
+        if self.heartbeat is not None:
+            self.heartbeat.progress(done)
         log = self._log(done) if done % self.log_every == 0 or done == self.total_steps else None
         if self.checkpoint_dir and (done % self.checkpoint_every == 0 or self._owed):
             self._checkpoint(done)
@@ -156,6 +183,10 @@ class Trainer:
             self.diloco.close()
         if self.checkpoint_dir and (self._saved != self.total_steps or _any_rank(merged)):
             self._checkpoint(self.total_steps, final=True)
+        self.timings.close()
+        if self.heartbeat is not None:
+            self.heartbeat.close()
+            self.heartbeat = None
 
     @torch.no_grad()
     def gather_model(self, model: nn.Module) -> bool:
@@ -205,22 +236,26 @@ class Trainer:
             self._average_over_replicas()
             return
         if self._averages_over_replicas() and _needs_stage_broadcast(self.run):
-            self.pipeline.sync_gradients()
+            with self.timings.sync("data"):
+                self.pipeline.sync_gradients()
             self._add_ring_bytes(shards.group, torch.empty(_numel(self.params)))
             self._average_over_replicas()
             if self.zero1:
                 shards.keep_owned_gradients()
             return
-        mine = shards.reduce_scatter_gradients()
+        with self.timings.sync("data", shards.wire_bytes):
+            mine = shards.reduce_scatter_gradients()
         self._add_shard_bytes()
         group = self.run.group_of_kind("replica")
         if self._averages_over_replicas() and group is not None:
             owned = mine[:shards.owned_numel]
             owned *= self.share
-            dist.all_reduce(owned, group=group)
+            with self.timings.sync("replica", owned.numel() * owned.element_size()):
+                dist.all_reduce(owned, group=group)
             self._add_ring_bytes(group, owned)
         if not self.zero1:
-            shards.all_gather_gradients(mine)
+            with self.timings.sync("data", shards.wire_bytes):
+                shards.all_gather_gradients(mine)
             self._add_shard_bytes()
 
     def _averages_over_replicas(self) -> bool:
@@ -243,13 +278,15 @@ class Trainer:
         if group is not None:
             mine = shards[self.run.placement.lane]
             mine *= self.share
-            dist.all_reduce(mine, group=group)
+            with self.timings.sync("replica", mine.numel() * mine.element_size()):
+                dist.all_reduce(mine, group=group)
             self._add_ring_bytes(group, mine)
         data = self.run.group_of_kind("data")
         if data is not None:
             for device, shard in zip(lanes, shards, strict=True):
                 source = self.run.torch_rank_of[device]
-                dist.broadcast(shard, src=source, group=data)
+                with self.timings.sync("data", shard.numel() * shard.element_size()):
+                    dist.broadcast(shard, src=source, group=data)
                 if source == self.run.placement.torch_rank:
                     self._add_broadcast_bytes(data, shard)
         for param, part in zip(self.params, flat.split([p.numel() for p in self.params]),
@@ -263,7 +300,8 @@ class Trainer:
     def _sync_replicas_after_update(self) -> None:
         if self.run.plan.sync != "diloco":
             return
-        merged = self.diloco.step() if self.diloco is not None else []
+        with self.timings.sync("diloco"):
+            merged = self.diloco.step() if self.diloco is not None else []
         if _needs_stage_broadcast(self.run) and _any_rank(bool(merged)):
             self._broadcast_in_stage()
 
@@ -444,7 +482,8 @@ def _make_diloco(run: PlanRun, params: list[nn.Parameter], share: float) -> DiLo
         overlap_steps=max(0, min(settings.overlap_steps, settings.sync_every // fragments - 1)),
         alpha=settings.alpha, quantization=None if settings.quantization == "none"
         else settings.quantization, outer_lr=settings.outer_lr,
-        outer_momentum=settings.outer_momentum)
+        outer_momentum=settings.outer_momentum, timeout_s=settings.timeout_s,
+        start_timeout_s=max(DiLoCoConfig.start_timeout_s, settings.timeout_s))
     equal = len(set(replica_microbatches(run))) == 1
     relay = None if run.relay is None else SiteRelay(
         run.relay.group, run.relay.ranks, "lead" if settings.exchange == "lead" else "sharded")
