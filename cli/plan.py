@@ -27,7 +27,13 @@ from holmes.plan_build import (
     summary,
     tensor_parallel_line,
 )
-from holmes.planner import PlanOptions, decide, naive_estimate, naive_like_estimate
+from holmes.planner import (
+    ESTIMATE_NOISE,
+    PlanOptions,
+    decide,
+    naive_estimate,
+    naive_like_estimate,
+)
 from holmes.review import (
     check_plan_source,
     estimate_plan,
@@ -96,6 +102,9 @@ def _costs(option: str | None) -> CostAssumptions | None:
               help="Tensor-parallel degree inside hosts (Megatron); auto: the planner picks "
               "among those dividing every host's devices in a stage. Plans with TP > 1 are "
               "not launched yet (the runtime runs TP 1).")
+@click.option("--noise", type=click.FloatRange(0.0, 1.0), default=ESTIMATE_NOISE,
+              show_default=True, help="Estimates within this fraction of the fastest are "
+              "ties (the probe's timing noise), broken by the fewest bytes across sites.")
 @click.option("--calibration", "calibration_file", type=FILE,
               help="A calibration (`hetsched calibrate`): measured device speeds, link "
               "figures and step overhead replace the topology's.")
@@ -108,7 +117,8 @@ def _costs(option: str | None) -> CostAssumptions | None:
 def plan(topology_file: Path, model_name: str, output: Path, sync: str, regime: str,
          stages: int | None, sync_every: int, fragments: int, quantization: str,
          skip_ratio: float | None, max_swaps: int | None, optimizer_sharding: str, nccl_net: str,
-         calibration_file: Path | None, tensor_parallel: str, include_cpu_hosts: bool,
+         noise: float, calibration_file: Path | None, tensor_parallel: str,
+         include_cpu_hosts: bool,
          costs_option: str | None,
          as_json: bool) -> None:
     """Plan MODEL on TOPOLOGY_FILE: stages, layers, groups, NICs, sync; write plan.yaml."""
@@ -129,8 +139,8 @@ def plan(topology_file: Path, model_name: str, output: Path, sync: str, regime: 
                                               quantization=quantization),
                           optimizer_sharding=optimizer_sharding, nccl_net=nccl_net,
                           include_cpu_hosts=include_cpu_hosts, costs=_costs(costs_option),
-                          tensor_parallel=None if tensor_parallel == "auto"
-                          else int(tensor_parallel))
+                           tensor_parallel=None if tensor_parallel == "auto"
+                           else int(tensor_parallel), noise=noise)
     as_written = load_topology(topology_file)
     topology = _calibrated(as_written, calibration_file)
     decision = decide(topology, load_model(model_name), options)

@@ -10,6 +10,7 @@ quantizes what crosses the wire. One module per concept:
 - `schedule`: which fragment starts and merges at which inner step.
 - `quantize`: the wire formats (fp4 E2M1 with bf16 block scales, int8, bf16, fp32).
 - `exchange`: quantized averaging over replicas on a background thread; `ReplicaFailure`.
+- `relay`: one exchange per replica when several processes of it hold the same parameters.
 - `outer`: pseudo-gradients and the outer Nesterov SGD.
 - `accounting`: bytes handed to torch.distributed, per sync event.
 - `checkpoint`: atomic checkpoint files.
@@ -23,6 +24,7 @@ from diloco.exchange import ReplicaFailure, average_across_replicas
 from diloco.fragments import Fragment, find_layers, fragments_from_modules, split_fragments
 from diloco.outer import OuterSGD, pseudo_gradient
 from diloco.quantize import make_codec
+from diloco.relay import SiteRelay, relayed_average
 from diloco.schedule import SyncSchedule
 from diloco.streaming import DiLoCo
 
@@ -35,6 +37,7 @@ __all__ = [
     "LedgerSummary",
     "OuterSGD",
     "ReplicaFailure",
+    "SiteRelay",
     "SyncRecord",
     "SyncSchedule",
     "average_across_replicas",
@@ -43,6 +46,7 @@ __all__ = [
     "load_checkpoint",
     "make_codec",
     "pseudo_gradient",
+    "relayed_average",
     "replica_checkpoint_path",
     "save_checkpoint",
     "split_fragments",

@@ -120,13 +120,14 @@ class CountingComm:
         record.add("all_reduce", _nbytes(tensor), _nbytes(tensor))
         dist.all_reduce(tensor, group=self.group)
 
-    def broadcast(self, tensor: torch.Tensor, record: SyncRecord) -> None:
-        """Broadcast from group rank 0."""
-        is_source = self.rank == 0
+    def broadcast(self, tensor: torch.Tensor, record: SyncRecord, src: int | None = None) -> None:
+        """Broadcast from global rank `src` (default: group rank 0)."""
+        if src is None:
+            src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+        is_source = dist.get_rank() == src
         record.add(
             "broadcast", _nbytes(tensor) if is_source else 0, 0 if is_source else _nbytes(tensor)
         )
-        src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
         dist.broadcast(tensor, src=src, group=self.group)
 
 

@@ -20,6 +20,12 @@ step) pass `weight`, their share: the exchange then averages w_r * Delta_r inste
 plain mean, as federated averaging weights each client by the samples it trained on.
 Every replica of the group must pass one, and the weights must sum to 1.
 
+A replica that runs on several processes holding the same parameters (data parallel
+inside the replica, k "lanes", each in its own cross-replica group) passes `relay`, a
+`diloco.relay.SiteRelay` naming its lanes: the slow links then carry each exchange once
+per replica instead of k times (lane 0 exchanges and broadcasts, or each lane exchanges
+1/k and the lanes all-gather), and every lane still ends with the same result.
+
 The global parameters, the outer momentum, the step and (for an exact restart) the local
 model and inner optimizer live in `state_dict()`; it can be taken whenever no exchange is
 in flight (`quiescent`). `parameter_states()` holds the same outer state cut by parameter
@@ -46,6 +52,7 @@ from diloco.exchange import ExchangeWorker, ReplicaFailure, average_across_repli
 from diloco.fragments import Fragment, fragments_from_modules, split_fragments
 from diloco.outer import OuterSGD, pseudo_gradient
 from diloco.quantize import make_codec
+from diloco.relay import SiteRelay, relayed_average
 from diloco.schedule import SyncSchedule
 
 STATE_FORMAT = "hetsched.diloco/1"
@@ -74,6 +81,7 @@ class DiLoCo:
         *,
         layers: Sequence[nn.Module] | None = None,
         weight: float | None = None,
+        relay: SiteRelay | None = None,
         **options: Any,
     ) -> None:
         """`model` is a module (split by layer) or a list of modules (explicit fragments).
@@ -81,7 +89,7 @@ class DiLoCo:
         Give either `config` or its fields as keyword `options`; `layers` names the layers
         to split by (default: the model's largest `nn.ModuleList`). `weight`: this
         replica's weight in the average of pseudo-gradients, in (0, 1] (None: the plain
-        mean over replicas).
+        mean over replicas). `relay`: this replica's lanes that share one exchange.
         """
         if config is not None and options:
             raise TypeError("give either config=DiLoCoConfig(...) or keyword options, not both")
@@ -91,6 +99,8 @@ class DiLoCo:
         self.modules, self.fragments = _make_fragments(model, self.config, layers)
         self.inner_optimizer = inner_optimizer
         self.comm = CountingComm(group)
+        self.relay = relay
+        self.site_comm = CountingComm(relay.group) if relay is not None else None
         # what the exchange's mean (sum / replicas) is given: Delta * weight * replicas
         self._scale = None if weight is None else weight * self.comm.world_size
         self.schedule = SyncSchedule(
@@ -267,7 +277,13 @@ class DiLoCo:
         if delta.is_cuda:  # the exchange thread reads delta: finish writing it first
             torch.cuda.current_stream(delta.device).synchronize()
         record = self.ledger.open("sync", index, self._step)
-        work = partial(average_across_replicas, delta, self.codec, self.comm, record, residual)
+        if self.relay is not None and self.site_comm is not None:
+            work = partial(relayed_average, delta, self.codec, self.comm, self.relay,
+                           self.site_comm, record, self.ledger.open("site", index, self._step),
+                           residual)
+        else:
+            work = partial(average_across_replicas, delta, self.codec, self.comm, record,
+                           residual)
         result = self._worker.submit(work)
         self._in_flight[index] = _Exchange(index, self._step, result, record, residual)
 
@@ -291,9 +307,16 @@ class DiLoCo:
 
     @torch.no_grad()
     def _broadcast_parameters(self) -> None:
+        """Replica 0's parameters to every replica (with a relay: to its lead, which passes
+        them on to its lanes)."""
         for fragment in self.fragments:
             record = self.ledger.open("broadcast", fragment.index, 0)
-            work = partial(_broadcast, self.comm, _flatten(fragment.params), record)
+            flat = _flatten(fragment.params)
+            if self.relay is None or self.site_comm is None:
+                work = partial(_broadcast, self.comm, flat, record)
+            else:
+                work = partial(_relay_broadcast, self.comm, self.relay, self.site_comm, flat,
+                               record, self.ledger.open("site", fragment.index, 0))
             flat = self._wait(self._worker.submit(work), "initial broadcast of the parameters",
                               self.config.start_timeout_s)
             for param, view in zip(fragment.params, _views(flat, fragment.params), strict=True):
@@ -345,6 +368,15 @@ def _check_compatible(state: dict[str, Any], diloco: DiLoCo) -> None:
 
 def _broadcast(comm: CountingComm, flat: torch.Tensor, record: SyncRecord) -> torch.Tensor:
     comm.broadcast(flat, record)
+    return flat
+
+
+def _relay_broadcast(comm: CountingComm, relay: SiteRelay, site: CountingComm,
+                     flat: torch.Tensor, record: SyncRecord,
+                     site_record: SyncRecord) -> torch.Tensor:
+    if relay.leads:
+        comm.broadcast(flat, record)
+    site.broadcast(flat, site_record, src=relay.lanes[0])
     return flat
 
 

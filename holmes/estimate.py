@@ -69,6 +69,7 @@ class DilocoChoice:
     overlap_steps: int = 2
     alpha: float = 0.5
     quantization: str = "fp4"
+    exchange: str = "sharded"
 
 
 @dataclass
@@ -683,20 +684,27 @@ def _sync_cost(layout: Layout, partition: Partition, ctx: Context, sync: str,
     for s in range(layout.stages):
         across = [replica[s][0] for replica in layout.replicas]
         latency, bandwidth = _ring_link(across, ctx, forced)
-        bandwidth *= _parallel_rings(layout, s)
+        rings = _parallel_rings(layout, s)
         grads = _gradient_bytes(ctx, partition.layers[s], _holds(layout, s))
         group_class = _group_class(ctx, across)
         if sync == "allreduce":  # one shard per lane, then a broadcast in each stage
-            seconds = max(seconds, costs.allreduce_seconds(grads, replicas, latency, bandwidth))
+            seconds = max(seconds, costs.allreduce_seconds(grads, replicas, latency,
+                                                           bandwidth * rings))
             total[group_class] += 2 * (replicas - 1) * grads
             for replica in layout.replicas:
                 if len(replica[s]) > 1:
                     total[_group_class(ctx, list(replica[s]))] += (len(replica[s]) - 1) * grads
             continue
+        lanes = min(len(replica[s]) for replica in layout.replicas)
         stall, moved = _diloco_stage_cost(ctx, partition.layers[s], _holds(layout, s),
-                                          replicas, latency, bandwidth, iteration_s)
+                                          replicas, latency, bandwidth, iteration_s,
+                                          lanes, rings)
         seconds = max(seconds, stall)
-        total[group_class] += moved * len(layout.replicas[0][s])
+        total[group_class] += moved * (lanes if ctx.diloco.exchange == "per_lane" else 1)
+        if lanes > 1 and ctx.diloco.exchange != "per_lane":  # passed on inside each stage
+            relayed = _diloco_relay_bytes(ctx, partition.layers[s], _holds(layout, s), lanes)
+            for replica in layout.replicas:
+                total[_group_class(ctx, list(replica[s][:lanes]))] += relayed
     if sync == "diloco":
         notes.append(f"DiLoCo exchange per step amortised over H={ctx.diloco.sync_every}")
     return seconds, notes
@@ -733,15 +741,36 @@ def _fragment_bytes(ctx: Context, layers: int, holds: tuple[bool, bool]) -> floa
 
 
 def _diloco_stage_cost(ctx: Context, layers: int, holds: tuple[bool, bool], replicas: int,
-                       latency: float, bandwidth: float,
-                       iteration_s: float) -> tuple[float, float]:
-    """(stall seconds per step, bytes moved per step) of streaming DiLoCo for one stage."""
+                       latency: float, bandwidth: float, iteration_s: float, lanes: int,
+                       rings: int) -> tuple[float, float]:
+    """(stall seconds per step, bytes one lane moves across replicas per step) of
+    streaming DiLoCo for one stage of `lanes` lanes on `rings` hosts per replica. `lead`:
+    one lane exchanges each fragment on one ring; `sharded`: each lane 1/lanes of it on its
+    own ring; `per_lane`: every lane all of it, each on its own ring (the passing on inside
+    the stage, fp32 on the stage's fast links, is left out of the time)."""
     d = ctx.diloco
     fragment = _fragment_bytes(ctx, layers, holds)
-    exchange = costs.allreduce_seconds(fragment, replicas, latency, bandwidth)
+    if d.exchange == "lead" or lanes == 1:
+        exchange = costs.allreduce_seconds(fragment, replicas, latency, bandwidth)
+    elif d.exchange == "sharded":
+        exchange = costs.allreduce_seconds(fragment / lanes, replicas, latency,
+                                           bandwidth * rings / lanes)
+    else:
+        exchange = costs.allreduce_seconds(fragment, replicas, latency,
+                                           bandwidth * rings / lanes)
     stall_per_event = max(0.0, exchange - d.overlap_steps * iteration_s)
     per_step = d.fragments / d.sync_every
     return stall_per_event * per_step, 2 * (replicas - 1) * fragment * per_step
+
+
+def _diloco_relay_bytes(ctx: Context, layers: int, holds: tuple[bool, bool],
+                        lanes: int) -> float:
+    """Bytes per step that one replica's stage of `lanes` lanes moves inside itself to share
+    one DiLoCo exchange: each fragment's fp32 average reaches the other lanes once (lead's
+    broadcast and the sharded all-gather move the same)."""
+    d = ctx.diloco
+    params = _stage_params(ctx.config.model, layers, holds)
+    return (lanes - 1) * params * 4.0 / d.sync_every
 
 
 def _link_class(ctx: Context, a: str, b: str) -> str:

@@ -144,6 +144,12 @@ class DilocoSettings(Strict):
     quantization: Literal["fp4", "int8", "bf16", "none"]
     outer_lr: bounded_float(0, 100, low_open=True) = 0.7
     outer_momentum: bounded_float(0, 1, high_open=True) = 0.9
+    # how the lanes of a stage share the exchange across the WAN (`diloco.relay`):
+    # `sharded` (lane j exchanges 1/k, then the lanes all-gather: on the lab 2x faster
+    # than `lead`, docs/diloco.md), `lead` (lane 0 exchanges, then broadcasts in its
+    # stage) or `per_lane` (every lane exchanges all of it: k times the WAN bytes; kept to
+    # compare against)
+    exchange: Literal["sharded", "lead", "per_lane"] = "sharded"
     timeout_s: bounded_float(1, 1e6, "s") = 300.0
 
     @model_validator(mode="after")

@@ -211,7 +211,8 @@ def _diloco(decision: Decision, timeout_s: float) -> DilocoSettings:
     d = decision.context.diloco
     return DilocoSettings(sync_every=d.sync_every, fragments=d.fragments, pattern=d.pattern,
                           overlap_steps=d.overlap_steps, alpha=d.alpha,
-                          quantization=d.quantization, timeout_s=timeout_s)
+                          quantization=d.quantization, exchange=d.exchange,
+                          timeout_s=timeout_s)
 
 
 def diloco_timeout_s(exchange_s: float, hang_s: float) -> float:
@@ -243,6 +244,7 @@ def summary(decision: Decision, plan: Plan, topology_name: str) -> list[str]:
     ]
     lines += _depth_lines(decision)
     lines += _sync_lines(decision)
+    lines += tie_lines(decision)
     lines += _skip_lines(decision)
     lines += [f"Note: {note}." for note in decision.notes]
     lines.append(_optimizer_line(decision))
@@ -276,6 +278,31 @@ def tensor_parallel_line(plan: Plan) -> str:
             "groups; each layer, the embedding and the head split over a group; per layer "
             "and microbatch 2 all-reduces of the activations forward and 2 backward over "
             "the host's GPU link, 2 more with full recomputation).")
+
+
+def tie_lines(decision: Decision) -> list[str]:
+    """The tie-break rule, and what it decided when other candidates were within it."""
+    if decision.noise <= 0:
+        return []
+    rule = (f"Ties: candidates within {decision.noise:.0%} of the fastest estimate (the "
+            "probe's noise) are ranked by bytes across sites, then all bytes, then speed")
+    others = [e for e in decision.ties if e is not decision.chosen]
+    if not others:
+        return [rule + "; no other candidate was that close."]
+    beaten = "; ".join(f"{candidate_words(e)} {e.step_s:.4g} s/step, "
+                       f"{e.bytes_per_step.get('inter_site', 0) / 1e6:.3g} MB/step across "
+                       "sites" for e in others[:3])
+    chosen = decision.chosen
+    return [rule + f"; chosen {candidate_words(chosen)} ({chosen.step_s:.4g} s/step, "
+            f"{chosen.bytes_per_step.get('inter_site', 0) / 1e6:.3g} MB/step across sites) "
+            f"over {beaten}."]
+
+
+def candidate_words(e: Estimate) -> str:
+    """A candidate in a few words: replicas x stages x lanes and its sync."""
+    lanes = max(len(stage) for stage in e.layout.replicas[0])
+    return (f"{len(e.layout.replicas)} replica(s) x {e.layout.stages} stage(s) x {lanes} "
+            f"lane(s), {e.sync}")
 
 
 def _optimizer_line(decision: Decision) -> str:

@@ -15,6 +15,14 @@ force either. `naive_estimate` is the Megatron-style baseline the benchmarks com
 (`naive_like_estimate` the same rank order with the plan's replicas and sync, to tell
 placement from sync gains).
 
+Estimates rest on a probe's timings, which are noisy (the compute timing of hosts that
+share cores varies by several percent from one probe to the next), so a choice between
+candidates closer than that noise is a coin toss. `noise` (relative, default
+ESTIMATE_NOISE) turns it into a rule: among the candidates whose step time is within
+(1 + noise) of the one the speed rules pick, the planner takes the one that moves the
+fewest bytes across sites per step, then the fewest bytes in all, then the fastest
+(`tie_break`); the plan's header says so.
+
 Hosts that cannot or should not take part (unreachable, no devices, CPU-only in a GPU
 job) are left out first (`holmes.hosts`), and links are estimated on the NCCL network
 selection the plan will run with (`holmes.transports`: auto = what the installed torch
@@ -62,6 +70,10 @@ from topology.errors import InputError
 from topology.schema import Topology
 
 ALLREDUCE_TOLERANCE = 1.10
+# Relative spread of a probe's compute timing on a loaded machine (bench/e2e_lab.py
+# --repeat reports it; docs/planner.md has the figures): estimates closer than this are
+# ties, broken by traffic.
+ESTIMATE_NOISE = 0.10
 GEO_MAX_STAGES = 8
 GEO_DEPTHS = 5  # geo depths tried without --stages: the deepest five up to GEO_MAX_STAGES
 REFINE_BUDGET = 96_000
@@ -84,6 +96,7 @@ class PlanOptions:
     optimizer_sharding: OptimizerSharding = "zero1"  # ZeRO-1 over each stage's data group
     nccl_net: NcclNet = "auto"
     include_cpu_hosts: bool = False
+    noise: float = ESTIMATE_NOISE  # estimates within (1 + noise) of each other are ties
     costs: CostAssumptions | None = None  # None: the model's `costs:`, else `default`
     tensor_parallel: int | None = None  # None: the planner picks among TP_DEGREES
 
@@ -106,6 +119,8 @@ class Decision:
     left_out: list[LeftOut] = field(default_factory=list)
     source: Topology | None = None
     selection_detail: str = ""
+    noise: float = 0.0  # the tie band the choice was made with
+    ties: list[Estimate] = field(default_factory=list)  # candidates within it, chosen first
     regime_note: str = ""  # why this regime, when auto weighed more than one
     notes: list[str] = field(default_factory=list)
     phases: dict[str, float] = field(default_factory=dict)  # wall seconds per step
@@ -153,7 +168,9 @@ def decide(topology: Topology, config: ModelConfig, options: PlanOptions) -> Dec
     why = _why_geo(search, options) if "geo" not in wanted and options.regime == "auto" else ""
     if why:
         _search("geo", context, options, search)
-    chosen, note = _choose(_pool(search, options), options, "geo" in wanted or bool(why))
+    pool = _pool(search, options)
+    fastest, note = _choose(pool, options, "geo" in wanted or bool(why))
+    chosen, ties = tie_break(pool, fastest, options.sync, options.noise)
     regime = chosen.layout.regime
     if options.sync == "diloco" and chosen.sync != "diloco":
         raise InputError(f"DiLoCo needs two or more replicas, but every layout of the {regime} "
@@ -162,7 +179,8 @@ def decide(topology: Topology, config: ModelConfig, options: PlanOptions) -> Dec
     decision = Decision(chosen, search.candidates, regime, fabrics, context, search.rejected,
                         left_out=left_out, source=source, selection_detail=detail,
                         regime_note="; ".join(part for part in (why, note) if part),
-                        phases=search.clock.laps, skipped=search.skipped)
+                        phases=search.clock.laps, skipped=search.skipped,
+                        noise=options.noise, ties=ties)
     return _with_skipping(decision, options.skip) if options.skip else decision
 
 
@@ -288,9 +306,9 @@ class _Clock:
 def _datacentre_candidates(layouts: list[Layout], ctx: Context, options: PlanOptions,
                            found: _Search) -> None:
     """Simulate the layouts that could be chosen, in the order of their lower bound
-    (`lower_bound_s`): a layout whose bound exceeds ALLREDUCE_TOLERANCE x the fastest step
-    so far is skipped, as it could neither be the fastest nor the all-reduce kept within
-    the tolerance. Where every stage's devices are alike, the bound is taken on the greedy
+    (`lower_bound_s`): a layout whose bound exceeds ALLREDUCE_TOLERANCE x (1 + noise) x the
+    fastest step so far is skipped, as it could be neither the fastest, nor the all-reduce
+    kept within the tolerance, nor a tie within the noise of either. Where every stage's devices are alike, the bound is taken on the greedy
     split, whose slowest stage is the ILP's (both are optimal); otherwise on the ILP's own.
     Adds the candidates to `found` and counts the layouts skipped."""
     bounded = []
@@ -306,9 +324,9 @@ def _datacentre_candidates(layouts: list[Layout], ctx: Context, options: PlanOpt
         bounded.append((lower_bound_s(layout, split, ctx, stage_costs), len(bounded), layout,
                         None if uniform else split))
     found.clock.lap("split and bound")
-    best = math.inf
+    best, reach = math.inf, ALLREDUCE_TOLERANCE * (1 + options.noise) * (1 + 1e-9)
     for bound, _, layout, split in sorted(bounded, key=lambda b: b[:2]):
-        if bound > ALLREDUCE_TOLERANCE * best * (1 + 1e-9):
+        if bound > reach * best:
             found.skipped += 1
             continue
         partition = split or partition_for(layout, ctx)
@@ -463,6 +481,42 @@ def _best(candidates: list[Estimate], wanted: Sync) -> Estimate:
         return fastest
     best_plain = min(plain, key=lambda e: e.step_s)
     return best_plain if best_plain.step_s <= ALLREDUCE_TOLERANCE * fastest.step_s else fastest
+
+
+def tie_break(candidates: list[Estimate], fastest: Estimate, wanted: Sync,
+              noise: float) -> tuple[Estimate, list[Estimate]]:
+    """The candidate to plan among those within `noise` of `fastest` (the speed rules'
+    pick), and all of those, the chosen first. Ties are candidates of `fastest`'s kind (a
+    forced or preferred all-reduce stays all-reduce, forced DiLoCo stays DiLoCo) that use
+    as many devices as it (leaving devices idle is not a way to save traffic) and whose
+    step time is at most (1 + noise) x `fastest`'s; the one with the fewest bytes across
+    sites per step wins, then the fewest bytes in all, then the fastest. Ties are between
+    shapes (replicas x stages x lanes, sync): of candidates of one shape (say a DT-FM
+    placement and its refinement) only the fastest is one."""
+    if wanted == "diloco":
+        pool = [e for e in candidates if e.sync == fastest.sync]
+    elif fastest.sync == "diloco":
+        pool = candidates
+    else:
+        pool = [e for e in candidates if e.sync != "diloco"]
+    used = len(fastest.layout.devices())
+    pool = [e for e in pool if len(e.layout.devices()) >= used]
+    best_of_shape: dict[tuple[int, int, int, str], Estimate] = {_shape(fastest): fastest}
+    for e in pool:
+        if e.step_s < best_of_shape.setdefault(_shape(e), e).step_s:
+            best_of_shape[_shape(e)] = e
+    ties = [e for e in best_of_shape.values() if e.step_s <= fastest.step_s * (1 + noise)]
+    ties.sort(key=_traffic_rank)
+    return ties[0], ties
+
+
+def _shape(e: Estimate) -> tuple[int, int, int, str]:
+    lanes = max(len(stage) for stage in e.layout.replicas[0])
+    return len(e.layout.replicas), e.layout.stages, lanes, e.sync
+
+
+def _traffic_rank(e: Estimate) -> tuple[float, float, float]:
+    return (e.bytes_per_step.get("inter_site", 0.0), sum(e.bytes_per_step.values()), e.step_s)
 
 
 def naive_estimate(topology: Topology, config: ModelConfig, like: Estimate,

@@ -109,7 +109,7 @@ def plan_diloco(plan: Plan) -> DilocoChoice:
     if d is None:
         return DilocoChoice()
     return DilocoChoice(d.sync_every, d.fragments, d.pattern, d.overlap_steps, d.alpha,
-                        d.quantization)
+                        d.quantization, d.exchange)
 
 
 def layout_of(plan: Plan) -> Layout:

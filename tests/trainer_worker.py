@@ -8,9 +8,10 @@ and resume folders, `log_every` and `stop_after` (leave after that many steps wi
 `finish`, as a crash would). Rank R plays the plan's launch host R (`HETSCHED_HOST`),
 joins with torch.distributed's env:// rendezvous, trains with `holmes.runtime.Trainer`,
 appends the trainer's log lines to OUT/rank{R}.log and saves to OUT/rank{R}.pt its
-parameters, its optimizer's state bytes and parameter names, its placement and the losses
-it logged (or a traceback to OUT/rank{R}.err). Real gloo over 127.0.0.1, no mocks. The
-helpers here are shared with the tests' single-process references.
+parameters, its optimizer's state bytes and parameter names, its placement, the losses
+it logged and the bytes its DiLoCo sent per kind of call (or a traceback to
+OUT/rank{R}.err). Real gloo over 127.0.0.1, no mocks. The helpers here are shared with
+the tests' single-process references.
 """
 
 from __future__ import annotations
@@ -97,7 +98,16 @@ def train_rank(run: dict[str, Any], plan_path: str, log_path: Path) -> dict[str,
                             if any(p is q for g in trainer.optimizer.param_groups
                                    for q in g["params"])],
             "replica": placement.replica, "lane": placement.lane,
-            "start_step": trainer.start_step, "bytes": dict(trainer.bytes), "losses": losses}
+            "start_step": trainer.start_step, "bytes": dict(trainer.bytes), "losses": losses,
+            "diloco_sent": _diloco_sent(trainer)}
+
+
+def _diloco_sent(trainer: Trainer) -> dict[str, int]:
+    """Bytes this rank's DiLoCo handed to torch.distributed, per record kind."""
+    if trainer.diloco is None:
+        return {}
+    ledger = trainer.diloco.ledger
+    return {kind: ledger.summary(kind).sent for kind in ("sync", "broadcast", "site")}
 
 
 def main() -> None:

@@ -15,7 +15,12 @@
 5. creates every group of the plan (`pipeline`, `data`, `replica`, `diloco`) in plan
    order on every rank, as `torch.distributed.new_group` requires; an NCCL group is
    created with its own `ncclConfig_t` (`nccl_options`: the network it runs on);
-6. builds this replica's `skippipe.runtime.PipelineSchedule` from the plan's stages,
+6. under `sync: diloco` with several lanes per stage (and `diloco.exchange` not
+   `per_lane`), creates one more group per replica and stage: the stage's lanes that
+   share one WAN exchange (`relay_stages`; `relay` is this process's, with its lanes'
+   ranks in lane order), a twin of the stage's `data` group, because the exchange runs
+   on DiLoCo's background thread and a gloo group must not be driven by two threads;
+7. builds this replica's `skippipe.runtime.PipelineSchedule` from the plan's stages,
    layer ranges and `paths` (with the skip plan's memory caps when there are any).
    Point-to-point traffic between two devices goes over the smallest `pipeline` group
    holding both (`p2p_group`): the fabric's own group for a hop inside an RDMA fabric,
@@ -68,6 +73,15 @@ class Placement:
     lane: int  # position of the device within its stage
 
 
+@dataclass(frozen=True)
+class Relay:
+    """A stage's lanes that share one DiLoCo exchange: their group and torch ranks in lane
+    order (lane 0 first)."""
+
+    group: dist.ProcessGroup
+    ranks: tuple[int, ...]
+
+
 @dataclass
 class PlanRun:
     """The plan, this process's placement, the plan's process groups and its schedule."""
@@ -79,6 +93,7 @@ class PlanRun:
     groups: dict[str, dist.ProcessGroup | None]  # plan group name -> group (None: not a member)
     schedule: PipelineSchedule
     restart: int
+    relay: Relay | None = None  # the lanes that share this stage's DiLoCo exchange
 
     @classmethod
     def from_env(cls, plan_path: str | os.PathLike[str] | None = None) -> PlanRun:
@@ -107,7 +122,8 @@ class PlanRun:
         placement = _placement(plan, host, device, plan_ranks[device], dist.get_rank())
         return cls(plan, path, placement, torch_rank_of, groups,
                    _schedule(plan, placement.replica, torch_rank_of),
-                   int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
+                   int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+                   _new_relay(plan, device, torch_rank_of))
 
     def group_of_kind(self, kind: str) -> dist.ProcessGroup | None:
         """The group of `kind` that holds this process (None if none does)."""
@@ -218,12 +234,44 @@ def _torch_backend(backend: str) -> str:
     return "cpu:gloo,cuda:nccl" if backend == "nccl" else backend
 
 
-def _new_group(group: Group, devices: dict[int, str],
-               torch_rank_of: dict[str, int]) -> dist.ProcessGroup | None:
-    ranks = sorted(torch_rank_of[devices[r]] for r in group.ranks)
+def _new_group(group: Group, devices: dict[int, str], torch_rank_of: dict[str, int],
+               members: list[str] | None = None) -> dist.ProcessGroup | None:
+    """The plan's `group` (or, with `members`, a group of those devices on its backend
+    and network)."""
+    chosen = members if members is not None else [devices[r] for r in group.ranks]
+    ranks = sorted(torch_rank_of[d] for d in chosen)
     options = nccl_options(group.name, group.nccl_config) if group.backend == "nccl" else None
     made = dist.new_group(ranks, backend=_torch_backend(group.backend), pg_options=options)
     return made if dist.get_rank() in ranks else None
+
+
+def relay_stages(plan: Plan) -> list[list[str]]:
+    """Per stage and replica (in plan order), the devices that share one DiLoCo exchange
+    across the WAN: the stage's lanes that have a `diloco` group (the narrowest replica's
+    width), when there are two or more and `diloco.exchange` is not `per_lane`."""
+    if plan.sync != "diloco" or plan.diloco is None or plan.diloco.exchange == "per_lane":
+        return []
+    stages = [[plan.stage(s).devices for s in r.stages] for r in plan.replicas]
+    found = []
+    for s in range(len(stages[0])):
+        width = min(len(replica[s]) for replica in stages)
+        if width > 1:
+            found.extend(list(replica[s][:width]) for replica in stages)
+    return found
+
+
+def _new_relay(plan: Plan, device: str, torch_rank_of: dict[str, int]) -> Relay | None:
+    """Every rank creates every relay group (in the same order); returns its own."""
+    mine = None
+    for lanes in relay_stages(plan):
+        data = next(g for g in plan.groups if g.kind == "data"
+                    and plan.rank_of()[lanes[0]] in g.ranks)
+        ranks = tuple(torch_rank_of[d] for d in lanes)
+        twin = data.model_copy(update={"name": f"{data.name}-relay"})
+        group = _new_group(twin, {}, torch_rank_of, members=lanes)
+        if device in lanes:
+            mine = Relay(group, ranks)  # type: ignore[arg-type]
+    return mine
 
 
 def _placement(plan: Plan, host: str, device: str, plan_rank: int,

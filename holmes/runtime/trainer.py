@@ -12,15 +12,19 @@ optimizer step per `step(batches)`:
    every device needs the whole gradient), weighted by each replica's microbatches so
    the step's gradient is the mean over the global batch; `diloco` hands the parameters
    to `diloco.DiLoCo` over the `diloco` group after the inner optimizer step, weighted
-   the same way (devices beyond the narrowest replica's lanes copy the merged
-   parameters from lane 0 of their stage);
+   the same way. A stage of k lanes holds k identical copies of its parameters, so the
+   lanes share one exchange across the WAN (`PlanRun.relay`, by the plan's
+   `diloco.exchange`: each lane exchanges 1/k and they all-gather, or lane 0 exchanges
+   and broadcasts in the stage), not one each; devices beyond the narrowest
+   replica's lanes copy the merged parameters from lane 0 of their stage;
 3. the optimizer step, by the plan's `optimizer.sharding`: `none` steps the factory's
    optimizer over all of the rank's parameters; `zero1` (`holmes.runtime.zero`) steps
    it over the parameters this device owns in its stage's data group and then gathers
    every owner's parameters, so each device holds 1/n of its stage's optimizer state;
 4. every `log_every` steps rank 0 prints the mean loss, tokens/s and the bytes this job
    sent per link class (pipeline P2P as counted, ring all-reduce as 2(n-1)/n of the
-   payload, reduce-scatter and all-gather as (n-1)/n each, DiLoCo as its ledger says;
+   payload, reduce-scatter and all-gather as (n-1)/n each, DiLoCo as its ledger says:
+   its cross-replica calls in the `diloco` group's class, its relay's in the stage's;
    classes from the plan's topology: intra_host, intra_site, inter_site);
 5. every `checkpoint_every` steps (at the first step after it where no DiLoCo exchange is
    in flight) the ranks write the step to `CHECKPOINT_DIR/step-NNNNNNNN/`, each entry
@@ -58,7 +62,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from diloco import DiLoCo, DiLoCoConfig
+from diloco import DiLoCo, DiLoCoConfig, SiteRelay
 from holmes.heartbeat import Heartbeat
 from holmes.runtime import checkpoints, train_state
 from holmes.runtime.links import link_classes, slowest_class
@@ -186,16 +190,30 @@ class Trainer:
 
     @torch.no_grad()
     def gather_model(self, model: nn.Module) -> bool:
-        """Copy replica 0's parameters into `model` on rank 0; True there, False elsewhere."""
-        mine = {name: p.detach().cpu() for name, p in self.pipeline.named_parameters()}
-        if self.run.placement.replica != 0 or self.run.placement.lane != 0:
-            mine = {}
-        gathered: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 \
-            else None
-        dist.gather_object(mine, gathered, dst=0)
-        if gathered is None:
+        """Copy replica 0's parameters into `model` on rank 0; True there, False elsewhere.
+
+        Lane 0 of each of replica 0's stages sends its parameters to rank 0 point to
+        point; no other rank sends anything (`gather_object` would have every rank send
+        a buffer as large as the largest: across the WAN from every other replica)."""
+        run = self.run
+        first = run.plan.replicas[0]
+        sources = sorted({run.torch_rank_of[run.plan.stage(s).devices[0]]
+                          for s in first.stages})
+        rank = dist.get_rank()
+        if rank in sources and rank != 0:
+            mine = {name: p.detach().cpu() for name, p in self.pipeline.named_parameters()}
+            dist.send_object_list([mine], dst=0)
+        if rank != 0:
             return False
-        merged = {name: t for part in gathered for name, t in part.items()}
+        merged: dict[str, Tensor] = {}
+        for source in sources:
+            if source == 0:
+                part = {name: p.detach().cpu() for name, p in self.pipeline.named_parameters()}
+            else:
+                box: list[Any] = [None]
+                dist.recv_object_list(box, src=source)
+                part = box[0]
+            merged.update(part)
         for name, param in model.named_parameters():
             if name in merged:
                 param.copy_(merged[name])
@@ -328,8 +346,12 @@ class Trainer:
         """`self.bytes` plus what DiLoCo sent since the last (re)start."""
         counts = Counter(self.bytes)
         if self.diloco is not None:
-            group = self.run.group_of_kind("diloco")
-            counts[self._group_class(group)] += self.diloco.ledger.summary(kind=None).sent
+            ledger = self.diloco.ledger
+            wan = ledger.summary("sync").sent + ledger.summary("broadcast").sent
+            counts[self._group_class(self.run.group_of_kind("diloco"))] += wan
+            if self.diloco.relay is not None:
+                counts[self._group_class(self.diloco.relay.group)] += \
+                    ledger.summary("site").sent
         return counts
 
     # ---- logs and checkpoints
@@ -463,8 +485,10 @@ def _make_diloco(run: PlanRun, params: list[nn.Parameter], share: float) -> DiLo
         outer_momentum=settings.outer_momentum, timeout_s=settings.timeout_s,
         start_timeout_s=max(DiLoCoConfig.start_timeout_s, settings.timeout_s))
     equal = len(set(replica_microbatches(run))) == 1
+    relay = None if run.relay is None else SiteRelay(
+        run.relay.group, run.relay.ranks, "lead" if settings.exchange == "lead" else "sharded")
     return DiLoCo(holder, None, group, config, layers=list(holder.layers),
-                  weight=None if equal else share)
+                  weight=None if equal else share, relay=relay)
 
 
 def _holder_name(index: int) -> str:
