@@ -308,9 +308,10 @@ def _datacentre_candidates(layouts: list[Layout], ctx: Context, options: PlanOpt
     """Simulate the layouts that could be chosen, in the order of their lower bound
     (`lower_bound_s`): a layout whose bound exceeds ALLREDUCE_TOLERANCE x (1 + noise) x the
     fastest step so far is skipped, as it could be neither the fastest, nor the all-reduce
-    kept within the tolerance, nor a tie within the noise of either. Where every stage's devices are alike, the bound is taken on the greedy
-    split, whose slowest stage is the ILP's (both are optimal); otherwise on the ILP's own.
-    Adds the candidates to `found` and counts the layouts skipped."""
+    kept within the tolerance, nor a tie within the noise of either. Where every stage's
+    devices are alike, the bound is taken on the greedy split, whose slowest stage is the
+    ILP's (both are optimal); otherwise on the ILP's own. Adds the candidates to `found`
+    and counts the layouts skipped."""
     bounded = []
     for layout in layouts:
         uniform = _uniform_stages(layout, ctx)
