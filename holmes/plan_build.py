@@ -285,7 +285,7 @@ def tie_lines(decision: Decision) -> list[str]:
     if decision.noise <= 0:
         return []
     rule = (f"Ties: candidates within {decision.noise:.0%} of the fastest estimate (the "
-            "probe's noise) are ranked by bytes across sites, then all bytes, then speed")
+            "probe's noise) are ranked by bytes across sites, then bytes between hosts, then speed")
     others = [e for e in decision.ties if e is not decision.chosen]
     if not others:
         return [rule + "; no other candidate was that close."]

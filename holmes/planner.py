@@ -491,7 +491,8 @@ def tie_break(candidates: list[Estimate], fastest: Estimate, wanted: Sync,
     forced or preferred all-reduce stays all-reduce, forced DiLoCo stays DiLoCo) that use
     as many devices as it (leaving devices idle is not a way to save traffic) and whose
     step time is at most (1 + noise) x `fastest`'s; the one with the fewest bytes across
-    sites per step wins, then the fewest bytes in all, then the fastest. Ties are between
+    sites per step wins, then the fewest bytes between hosts (a host's own GPU link, which
+    tensor parallelism uses, is not the network the rule spares), then the fastest. Ties are between
     shapes (replicas x stages x lanes, sync): of candidates of one shape (say a DT-FM
     placement and its refinement) only the fastest is one."""
     if wanted == "diloco":
@@ -517,7 +518,8 @@ def _shape(e: Estimate) -> tuple[int, int, int, str]:
 
 
 def _traffic_rank(e: Estimate) -> tuple[float, float, float]:
-    return (e.bytes_per_step.get("inter_site", 0.0), sum(e.bytes_per_step.values()), e.step_s)
+    between_hosts = sum(v for k, v in e.bytes_per_step.items() if k != "intra_host")
+    return (e.bytes_per_step.get("inter_site", 0.0), between_hosts, e.step_s)
 
 
 def naive_estimate(topology: Topology, config: ModelConfig, like: Estimate,

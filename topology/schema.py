@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
@@ -195,9 +196,20 @@ class Topology(Strict):
             if host.site is not None and host.site not in site_names:
                 raise ValueError(f"hosts[{i}].site: unknown site '{host.site}'")
         self._check_links()
+        self._index()
+        return self
+
+    def _index(self) -> None:
         self._by_name = {host.name: host for host in self.hosts}
         self._by_pair = {link.key(): link for link in self.links}
-        return self
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None,
+                   deep: bool = False) -> Self:
+        """A copy whose lookups (`host`, `link`) see its own hosts and links: pydantic's
+        copy runs no validator, so the indexes are rebuilt here."""
+        copy = super().model_copy(update=update, deep=deep)
+        copy._index()
+        return copy
 
     def _check_links(self) -> None:
         host_names = {h.name for h in self.hosts}
