@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -338,11 +339,13 @@ def test_one_failing_host_is_named_and_the_others_stopped(ssh_lab: SshLab,
             "--fail-host", "b2", "--fail-step", "1"]
     done = launch_from_a1(ssh_lab, workdir, argv, rdzv)
     output = done.stdout + done.stderr
-    assert done.returncode == 1, output
-    assert "[b2] rank 3 fails on purpose at step 1" in done.stdout, output
-    assert "host b2 failed: exit status 1" in done.stderr, output
-    for rank, name in enumerate(("a1", "a2", "b1")):  # they idle: only a stop ends them
-        assert f"[{name}] rank {rank} idles until stopped" in done.stdout, output
+    assert done.returncode == 3, output  # the failing worker's own exit status
+    # c10d numbers hosts as they join, so a host's rank is not known in advance
+    assert re.search(r"\[b2\] rank \d fails on purpose at step 1", done.stdout), output
+    assert "host b2 failed: exit status 1 (its worker exited with status 3)" in done.stderr, \
+        output
+    for name in ("a1", "a2", "b1"):  # they idle: only a stop ends them
+        assert re.search(rf"\[{name}\] rank \d idles until stopped", done.stdout), output
         assert f"[launch] {name}: stopped by the launcher" in done.stderr, output
     workers = [json.loads((workdir / "out" / f"rank{r}.json").read_text())["pid"]
                for r in range(4)]
@@ -417,7 +420,7 @@ def test_a_lost_connection_is_named_and_the_others_stopped(ssh_lab: SshLab,
         assert launcher.stdout is not None
         for line in launcher.stdout:
             seen.append(line.rstrip("\n"))
-            if line.startswith("[b1] rank 2 idles until stopped"):
+            if re.match(r"\[b1\] rank \d idles until stopped", line):
                 break
         b1 = next(d for d in ssh_lab.daemons if d.host.name == "b1")
         sessions = [p for p in psutil.Process(b1.process.pid).children(recursive=True)
