@@ -102,9 +102,11 @@ def _costs(option: str | None) -> CostAssumptions | None:
               help="Tensor-parallel degree inside hosts (Megatron); auto: the planner picks "
               "among those dividing every host's devices in a stage. Plans with TP > 1 are "
               "not launched yet (the runtime runs TP 1).")
-@click.option("--noise", type=click.FloatRange(0.0, 1.0), default=ESTIMATE_NOISE,
-              show_default=True, help="Estimates within this fraction of the fastest are "
-              "ties (the probe's timing noise), broken by the fewest bytes across sites.")
+@click.option("--noise", type=click.FloatRange(0.0, 1.0), default=None,
+              help="Estimates within this fraction of the fastest are ties (the probe's "
+              "timing noise), broken by the fewest bytes across sites, then between hosts "
+              f"[default: {ESTIMATE_NOISE:g} when a device is a CPU, whose timed speed is "
+              "noisy; 0 for GPUs: speed alone].")
 @click.option("--calibration", "calibration_file", type=FILE,
               help="A calibration (`hetsched calibrate`): measured device speeds, link "
               "figures and step overhead replace the topology's.")
@@ -117,7 +119,7 @@ def _costs(option: str | None) -> CostAssumptions | None:
 def plan(topology_file: Path, model_name: str, output: Path, sync: str, regime: str,
          stages: int | None, sync_every: int, fragments: int, quantization: str,
          skip_ratio: float | None, max_swaps: int | None, optimizer_sharding: str, nccl_net: str,
-         noise: float, calibration_file: Path | None, tensor_parallel: str,
+         noise: float | None, calibration_file: Path | None, tensor_parallel: str,
          include_cpu_hosts: bool,
          costs_option: str | None,
          as_json: bool) -> None:

@@ -96,7 +96,9 @@ class PlanOptions:
     optimizer_sharding: OptimizerSharding = "zero1"  # ZeRO-1 over each stage's data group
     nccl_net: NcclNet = "auto"
     include_cpu_hosts: bool = False
-    noise: float = ESTIMATE_NOISE  # estimates within (1 + noise) of each other are ties
+    # estimates within (1 + noise) of each other are ties; None: ESTIMATE_NOISE where device
+    # speeds are CPU matmul timings (noisy on shared cores), else 0 (speed alone)
+    noise: float | None = None
     costs: CostAssumptions | None = None  # None: the model's `costs:`, else `default`
     tensor_parallel: int | None = None  # None: the planner picks among TP_DEGREES
 
@@ -155,6 +157,7 @@ def decide(topology: Topology, config: ModelConfig, options: PlanOptions) -> Dec
         reasons = "; ".join(f"{h.host}: {h.reason}" for h in left_out[:3])
         raise InputError(f"no host can take part ({reasons})", field="hosts")
     source, topology = topology, without_hosts(topology, [h.host for h in left_out])
+    options = replace(options, noise=default_noise(topology, options.noise))
     fabrics = find_fabrics(topology)
     _require_devices(topology, config)
     selection, detail = _selection(topology, fabrics, options.nccl_net)
@@ -482,6 +485,16 @@ def _best(candidates: list[Estimate], wanted: Sync) -> Estimate:
         return fastest
     best_plain = min(plain, key=lambda e: e.step_s)
     return best_plain if best_plain.step_s <= ALLREDUCE_TOLERANCE * fastest.step_s else fastest
+
+
+def default_noise(topology: Topology, asked: float | None) -> float:
+    """The tie band: as asked, else ESTIMATE_NOISE when some device is a CPU (its speed is
+    a matmul timed on cores other work shares, which moves by tens of percent between
+    probes) and 0 otherwise (GPU speeds are stable figures: plan for speed alone)."""
+    if asked is not None:
+        return asked
+    cpus = any(d.kind == "cpu" for h in topology.hosts for d in h.devices)
+    return ESTIMATE_NOISE if cpus else 0.0
 
 
 def tie_break(candidates: list[Estimate], fastest: Estimate, wanted: Sync,
