@@ -33,6 +33,14 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
+def report_checks(checks: list[tuple[str, bool]]) -> int:
+    """Print each check with its verdict; the exit status: 0 when all pass, else 1."""
+    print()
+    for text, ok in checks:
+        print(f"{verdict(ok)}  {text}")
+    return 0 if all(ok for _, ok in checks) else 1
+
+
 def timed(fn: Callable[[], T]) -> tuple[T, float]:
     """(fn(), wall seconds it took)."""
     start = time.perf_counter()

@@ -71,7 +71,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 
-from planner_common import load_example, print_table, timed, verdict
+from planner_common import load_example, print_table, report_checks, timed
 
 from holmes.assumptions import load_costs
 from holmes.estimate import full_pipeline_specs
@@ -335,10 +335,7 @@ def main() -> int:
         setting.append(gcma_row(topology, config, k, skippipe_ctx))
     print_setting(setting)
     checks += check_setting(setting)
-    print()
-    for text, ok in checks:
-        print(f"{verdict(ok)}  {text}")
-    return 0 if all(ok for _, ok in checks) else 1
+    return report_checks(checks)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from __future__ import annotations
 import sys
 import time
 
-from planner_common import load_example, print_table, timed, verdict
+from planner_common import load_example, print_table, report_checks, timed
 
 from holmes.assumptions import load_costs
 from holmes.model import load_model
@@ -70,10 +70,7 @@ def main() -> int:
     print_table(["topology", "nodes", "stages (s/iter by depth)", "full s", "skip s",
                  "below full", "placing s", "skipping s (wall / CPU)"], rows,
                 right=[False, True, False, True, True, True, True, True])
-    print()
-    for text, ok in checks:
-        print(f"{verdict(ok)}  {text}")
-    return 0 if all(ok for _, ok in checks) else 1
+    return report_checks(checks)
 
 
 if __name__ == "__main__":
